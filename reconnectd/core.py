@@ -1,0 +1,670 @@
+"""The decision core: what to do for one printer, given what happened and the time.
+
+Pure by design: no clock, no I/O, no threads. The daemon feeds a :class:`PrinterCore`
+events (a device appeared or vanished, OctoPrint answered, a deadline passed) with
+the current monotonic time; the core returns :class:`Action` values (read
+OctoPrint, connect, disconnect, log a line) and exposes the next time it wants to
+be woken. Every rule of the contract's behaviour list lives here and is unit-tested
+with an injected clock.
+
+How the core tells situations apart, since OctoPrint says "Closed" for all of them:
+
+* It remembers the device *instance* on which it last saw OctoPrint connected. An
+  instance changes whenever the device vanishes and comes back (see ``Device``).
+* A closure it did not cause, on the instance it saw connected, is the user's
+  Disconnect (no error), a firmware stop (fatal error) or a failed line (transport
+  error). The first two place a hold; the third is retried.
+* After the device vanished and came back, OctoPrint's old error is stale: the
+  core connects. At start, with nothing remembered, it connects too (rule 9),
+  except over a fatal error it cannot prove stale.
+* A closure after its own connect attempt is a failed attempt, never a hold: a
+  silent printer ends "Offline" with no error, exactly like a manual Disconnect.
+
+Since reconnectd sends no request while nothing happens, a Disconnect is noticed
+when the core next looks (an event, a reload, a restart), which is exactly when it
+matters: nothing would reconnect in between anyway.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Union
+
+from reconnectd.devices import Device
+from reconnectd.octoprint_state import (
+    Accepted,
+    CommandResult,
+    ErrorKind,
+    OctoPrintView,
+    Phase,
+    ReadResult,
+    Refused,
+    Unreachable,
+)
+
+# --- timing -------------------------------------------------------------------
+
+RETRY_FIRST = 5.0  # contract rule 7: a failed connect is retried after 5 s ...
+RETRY_CAP = 300.0  # ... doubling up to 300 s
+# An event-driven printer (poll = 0) whose connects keep failing waits for the
+# device to come back after this many attempts: each attempt at a silent printer
+# holds OctoPrint ~40 s and leaks one of its threads (OctoPrint #5420).
+EVENT_DRIVEN_ATTEMPTS = 8
+CONFIRM_FIRST = 0.5  # first look after a connect; Operational takes 0.1 s to ~12 s
+CONFIRM_CAP = 5.0
+# "Opening serial connection" lasts milliseconds when the port opens, ~10 s when
+# ModemManager holds a fresh ttyACM, and forever when the node cannot be opened.
+STUCK_AFTER = 20.0
+UNREACHABLE_FIRST = 1.0  # OctoPrint restarting: look again soon ...
+UNREACHABLE_CAP = 30.0  # ... but not more than twice a minute while it is down
+REFUSED_RETRY = 60.0  # a rejected key needs a person; look again now and then
+
+
+class HoldKind(enum.Enum):
+    MANUAL = "manual disconnect"
+    FATAL = "firmware error"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reason not to connect, released when the device vanishes and comes back."""
+
+    kind: HoldKind
+    reason: str
+    instance: str
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """The part of a printer's config the decisions depend on."""
+
+    name: str
+    settle: float = 1.0
+    poll: float = 0.0
+    port: str | None = None
+    baudrate: int | None = None
+    profile: str | None = None
+    dry_run: bool = False
+
+
+# --- actions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadOctoPrint:
+    """Read /api/connection and /api/job; answer with :meth:`PrinterCore.octoprint_read`."""
+
+
+@dataclass(frozen=True)
+class Connect:
+    """POST connect; answer with :meth:`PrinterCore.command_done`."""
+
+    port: str
+    baudrate: int | None
+    profile: str | None
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """POST disconnect; answer with :meth:`PrinterCore.command_done`."""
+
+
+@dataclass(frozen=True)
+class Log:
+    """One line for the journal: a decision and its reason."""
+
+    level: int
+    message: str
+
+
+Action = Union[ReadOctoPrint, Connect, Disconnect, Log]
+
+
+class State(enum.Enum):
+    """Where a printer is, as a person would say it (status file, STATUS=)."""
+
+    ABSENT = "absent"
+    SETTLING = "settling"
+    CHECKING = "checking"
+    CONNECTING = "connecting"
+    OPERATIONAL = "operational"
+    BUSY = "busy"
+    HELD = "held"
+    RETRY_WAIT = "waiting to retry"
+    GAVE_UP = "gave up"
+    RECOVERING = "recovering"
+    UNREACHABLE = "octoprint unreachable"
+    REJECTED = "key rejected"
+    NO_PORT = "port not offered"
+    DRY_RUN = "dry run"
+
+
+@dataclass
+class _Attempt:
+    """Our own connect in flight: a closure now means it failed, not a hold."""
+
+    started: float
+    looks: int = 0
+
+
+@dataclass
+class PrinterCore:
+    """All decisions for one printer. Create one per printer; feed it events."""
+
+    settings: CoreSettings
+    device: Device | None = None
+    holds: list[Hold] = field(default_factory=list)
+    # Persisted across restarts (see memory()/restore()):
+    connected_instance: str | None = None  # where we last saw OctoPrint connected
+    last_instance: str | None = None  # the last instance we saw present
+
+    state: State = State.ABSENT
+    decision: str = "none"
+    reason: str = "starting"
+    decided_at: float | None = None
+    attempts: int = 0  # failed connects since the last device event
+    total_connects: int = 0
+
+    _generation: int = 0  # bumped by every device event; stale answers are dropped
+    _asked_in: int = 0  # the generation in which the request in flight was sent
+    _fresh: bool = False  # this presence began with a vanish and return we know of
+    _seen_connected: bool = False  # we saw a connection during this presence
+    _deadline: float | None = None
+    _in_flight: bool = False
+    _attempt: _Attempt | None = None
+    _recovering: bool = False  # we disconnected a stuck connection: connect on Closed
+    _opening_since: float | None = None
+    _outage: str | None = None  # Unreachable/Refused reason while it lasts
+    _outage_count: int = 0
+    _held_logged: bool = False
+    _failing: str | None = None  # the cause of the current run of failed connects, once logged
+
+    # --- inputs -------------------------------------------------------------
+
+    def device_added(self, device: Device, now: float, *, enumerated: bool = False) -> list[Action]:
+        """Given a matching device that appeared (or was present at start), act after settling.
+
+        An observed add means the device vanished and came back (or was plugged for
+        the first time): holds are released. An enumerated device at start releases
+        only holds placed on another instance.
+        """
+        actions: list[Action] = []
+        previous = self.device
+        self.device = device
+        self._generation += 1
+        if enumerated:
+            # Fresh only when we remember another instance: with nothing remembered
+            # (first start) an old fatal error cannot be proven stale.
+            self._fresh = (
+                bool(device.instance)
+                and self.last_instance is not None
+                and device.instance != self.last_instance
+            )
+            self._seen_connected = (
+                bool(device.instance) and device.instance == self.connected_instance
+            )
+            # A hold on an unknown instance is kept: safety over convenience.
+            kept = [
+                h
+                for h in self.holds
+                if not h.instance or not device.instance or h.instance == device.instance
+            ]
+            if len(kept) != len(self.holds):
+                actions.append(self._log(logging.INFO, "holds released: the device was replugged"))
+            self.holds = kept
+            # Nothing to debounce at start: decide now.
+            self._deadline = now
+        else:
+            if previous is not None and previous.devpath == device.devpath:
+                # A repeated add or change for the node we have: part of a burst.
+                pass
+            else:
+                self._fresh = True
+                self._seen_connected = False
+            if self.holds:
+                actions.append(
+                    self._log(logging.INFO, "holds released: the device vanished and came back")
+                )
+            self.holds = []
+            self._deadline = now + self.settings.settle
+        self.last_instance = device.instance
+        self._reset_attempts()
+        self._outage = None
+        self.state = State.SETTLING
+        self._held_logged = False
+        return actions
+
+    def device_removed(self, now: float) -> list[Action]:
+        """Given that the matching device vanished, forget it; holds end here."""
+        actions: list[Action] = []
+        self._generation += 1
+        if self.holds:
+            actions.append(self._log(logging.INFO, "holds released: the device vanished"))
+        self.holds = []
+        self.device = None
+        self._fresh = False
+        self._seen_connected = False
+        self._reset_attempts()
+        self._recovering = False
+        self._opening_since = None
+        self._deadline = None
+        self.state = State.ABSENT
+        return actions
+
+    def reconcile(self, now: float, why: str) -> list[Action]:
+        """Given a reason to look again (a reload), read OctoPrint soon if a device is here."""
+        if self.device is None or self._in_flight:
+            return []
+        self._deadline = now
+        return [self._log(logging.DEBUG, f"looking again: {why}")]
+
+    def tick(self, now: float) -> list[Action]:
+        """Given the time, act on a deadline that has passed."""
+        if self._deadline is None or now < self._deadline or self._in_flight:
+            return []
+        self._deadline = None
+        if self.device is None:
+            return []
+        if self.state == State.SETTLING:
+            self.state = State.CHECKING
+        return [self._ask(ReadOctoPrint())]
+
+    def octoprint_read(self, result: ReadResult, now: float) -> list[Action]:
+        """Given what OctoPrint answered to a read, decide."""
+        if not self._answered():
+            return []  # a device event came while we asked: it decides anew
+        if isinstance(result, (Unreachable, Refused)):
+            return self._outage_started(result, now)
+        actions = self._outage_ended()
+        actions += self._decide(result, now)
+        return actions
+
+    def command_done(self, result: CommandResult, now: float) -> list[Action]:
+        """Given OctoPrint's answer to our connect or disconnect, plan the next look."""
+        if not self._answered():
+            return []
+        if isinstance(result, Accepted):
+            self._deadline = now + CONFIRM_FIRST
+            return []
+        if isinstance(result, Refused) and result.status != 403:
+            # 400: the port left OctoPrint's list since we read it (or never was valid).
+            self._attempt = None
+            return self._attempt_failed(f"OctoPrint refused: {result.reason}", now)
+        # Unreachable: the connect may or may not have landed; look before acting again.
+        return self._outage_started(result, now)
+
+    # --- outputs ------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        """The monotonic time at which :meth:`tick` wants to run, or None."""
+        return None if self._in_flight else self._deadline
+
+    def memory(self) -> dict[str, object]:
+        """Return what must survive a restart, as JSON-ready values."""
+        return {
+            "holds": [
+                {"kind": h.kind.name.lower(), "reason": h.reason, "instance": h.instance}
+                for h in self.holds
+            ],
+            "connected_instance": self.connected_instance,
+            "last_instance": self.last_instance,
+        }
+
+    def restore(self, memory: object) -> list[str]:
+        """Given what :meth:`memory` returned before a restart, take it back.
+
+        Return a list of problems with entries that were skipped; never raise.
+        """
+        problems: list[str] = []
+        if not isinstance(memory, dict):
+            return [f"{self.settings.name}: stored state is not an object; ignored"]
+        for key in ("connected_instance", "last_instance"):
+            value = memory.get(key)
+            if value is None or isinstance(value, str):
+                setattr(self, key, value)
+            else:
+                problems.append(f"{self.settings.name}: stored {key} is not a string; ignored")
+        holds = memory.get("holds", [])
+        if not isinstance(holds, list):
+            return [*problems, f"{self.settings.name}: stored holds are not a list; ignored"]
+        for entry in holds:
+            try:
+                kind = HoldKind[str(entry["kind"]).upper()]
+                self.holds.append(Hold(kind, str(entry["reason"]), str(entry["instance"])))
+            except (KeyError, TypeError):
+                problems.append(
+                    f"{self.settings.name}: stored hold {entry!r} is malformed; ignored"
+                )
+        return problems
+
+    # --- the decision -------------------------------------------------------
+
+    def _decide(self, view: OctoPrintView, now: float) -> list[Action]:
+        phase = view.phase
+        if phase in (Phase.OPERATIONAL, Phase.BUSY):
+            return self._connected(view, now)
+        if phase == Phase.CONNECTING:
+            self._opening_since = None
+            return self._look_again(now, "OctoPrint is connecting")
+        if phase == Phase.OPENING:
+            return self._opening(now)
+        if phase == Phase.ERROR:
+            return self._look_again(now, "OctoPrint reports an error and is closing")
+        return self._closed(view, now)
+
+    def _connected(self, view: OctoPrintView, now: float) -> list[Action]:
+        actions: list[Action] = []
+        self._opening_since = None
+        self._recovering = False
+        was_attempt = self._attempt is not None
+        self._note_connection()
+        if self.holds:
+            self.holds = []
+            actions.append(self._log(logging.INFO, "holds released: connected by the user"))
+        self._reset_attempts()
+        self.state = State.OPERATIONAL if view.phase == Phase.OPERATIONAL else State.BUSY
+        if was_attempt:
+            actions.append(self._decided(now, "connected", f"OctoPrint is {view.state}"))
+        else:
+            reason = f"OctoPrint is {view.state}"
+            repeated = (self.decision, self.reason) == ("leave", reason)
+            actions.append(self._decided(now, "leave", reason, quiet=repeated))
+        return actions
+
+    def _opening(self, now: float) -> list[Action]:
+        if self._opening_since is None:
+            self._opening_since = now
+        stuck_for = now - self._opening_since
+        if stuck_for < STUCK_AFTER:
+            self.state = State.CONNECTING
+            self._deadline = min(now + self._confirm_delay(), self._opening_since + STUCK_AFTER)
+            return []
+        # Rule 6: only a disconnect ends this state; a connect would be ignored.
+        self._opening_since = None
+        if self._attempt is not None:
+            self.attempts += 1
+            self._attempt = None
+        self._recovering = True
+        self.state = State.RECOVERING
+        actions: list[Action] = [
+            self._decided(
+                now,
+                "disconnect",
+                f'OctoPrint stuck in "Opening serial connection" for {stuck_for:.0f} s',
+                level=logging.WARNING,
+            )
+        ]
+        if self.settings.dry_run:
+            self._recovering = False
+            self.state = State.DRY_RUN
+            actions.append(self._log(logging.INFO, "dry run: no disconnect sent"))
+            return actions
+        actions.append(self._ask(Disconnect()))
+        return actions
+
+    def _closed(self, view: OctoPrintView, now: float) -> list[Action]:
+        self._opening_since = None
+        assert self.device is not None
+        if self._recovering:
+            self._recovering = False
+            if self.attempts:
+                return self._schedule_retry(now, "the stuck connection was closed")
+            return self._connect(view, now, "the stuck connection was closed")
+        if self._attempt is not None:
+            self._attempt = None
+            kind = view.error_kind
+            if kind == ErrorKind.FATAL:
+                return self._hold(HoldKind.FATAL, view.error or "", now)
+            detail = f": {view.error}" if view.error else " (no answer from the printer)"
+            return self._attempt_failed(f"connect did not reach Operational{detail}", now)
+
+        kind = view.error_kind
+        if self.attempts:
+            # Between our retries: the closure is what our failed attempt left.
+            if kind == ErrorKind.FATAL and not self._fresh:
+                return self._hold(HoldKind.FATAL, view.error or "", now)
+            if self.holds:
+                return self._report_held(now)
+            return self._connect(view, now, f"retry {self.attempts + 1}")
+        if self._seen_connected:
+            # OctoPrint closed a connection we saw during this presence: the device
+            # never vanished in between (an observed return resets _seen_connected).
+            if kind == ErrorKind.FATAL:
+                return self._hold(HoldKind.FATAL, view.error or "", now)
+            if kind == ErrorKind.NONE:
+                return self._hold(HoldKind.MANUAL, "disconnected in OctoPrint", now)
+        elif kind == ErrorKind.FATAL and not self._fresh:
+            # At start with nothing remembered: we cannot prove this error stale.
+            return self._hold(HoldKind.FATAL, view.error or "", now)
+
+        if self.holds:
+            return self._report_held(now)
+        if self._fresh:
+            why = "device came back"
+        elif kind == ErrorKind.TRANSPORT:
+            why = f"OctoPrint lost the printer ({view.error})"
+        else:
+            why = "device present and OctoPrint closed"
+        return self._connect(view, now, why)
+
+    def _connect(self, view: OctoPrintView, now: float, why: str) -> list[Action]:
+        assert self.device is not None
+        port = choose_port(self.device, view.ports, self.settings.port)
+        if port is None:
+            quiet = self.state == State.NO_PORT
+            self.state = State.NO_PORT
+            offered = ", ".join(view.ports) or "none"
+            hint = self.device.paths[0]
+            actions: list[Action] = [
+                self._decided(
+                    now,
+                    "wait",
+                    f"OctoPrint does not offer {hint} (it offers: {offered}); add "
+                    f'"{_glob_hint(hint)}" to serial.additionalPorts in OctoPrint\'s settings',
+                    level=logging.ERROR,
+                    quiet=quiet,
+                )
+            ]
+            # OctoPrint rebuilds its port list on every request: look again later.
+            self._deadline = now + RETRY_CAP
+            return actions
+        baudrate = self.settings.baudrate
+        if baudrate is None:
+            baudrate = view.baudrate_preference
+        profile = self.settings.profile
+        if profile is None:
+            profile = view.profile_preference
+        at = f" at {baudrate} baud" if baudrate else ""
+        if self.settings.dry_run:
+            self.state = State.DRY_RUN
+            return [self._decided(now, "connect", f"{why}: would connect to {port}{at} (dry run)")]
+        self._attempt = _Attempt(started=now)
+        self.total_connects += 1
+        self.state = State.CONNECTING
+        return [
+            self._decided(
+                now, "connect", f"{why}: connecting to {port}{at}", quiet=self._failing is not None
+            ),
+            self._ask(Connect(port=port, baudrate=baudrate, profile=profile)),
+        ]
+
+    def _attempt_failed(self, why: str, now: float) -> list[Action]:
+        self.attempts += 1
+        if self.settings.poll <= 0 and self.attempts >= EVENT_DRIVEN_ATTEMPTS:
+            self.state = State.GAVE_UP
+            self._deadline = None
+            return [
+                self._decided(
+                    now,
+                    "give up",
+                    f"{why}; {self.attempts} attempts failed, waiting for the device to "
+                    "vanish and come back",
+                    level=logging.WARNING,
+                )
+            ]
+        return self._schedule_retry(now, why)
+
+    def _schedule_retry(self, now: float, why: str) -> list[Action]:
+        delay = retry_delay(self.attempts, self.settings.poll)
+        quiet = why == self._failing
+        self._failing = why
+        self.state = State.RETRY_WAIT
+        self._deadline = now + delay
+        return [
+            self._decided(
+                now,
+                "retry",
+                f"{why}; attempt {self.attempts} failed, next in {delay:.0f} s",
+                level=logging.WARNING,
+                quiet=quiet,
+            )
+        ]
+
+    def _hold(self, kind: HoldKind, reason: str, now: float) -> list[Action]:
+        assert self.device is not None
+        self._attempt = None
+        self._reset_attempts()
+        if not any(h.kind == kind for h in self.holds):
+            self.holds.append(Hold(kind, reason, self.device.instance))
+            self._held_logged = False
+        return self._report_held(now)
+
+    def _report_held(self, now: float) -> list[Action]:
+        self.state = State.HELD
+        self._deadline = None
+        if self._held_logged:
+            return []
+        self._held_logged = True
+        reasons = "; ".join(f"{h.kind.value}: {h.reason}" for h in self.holds)
+        return [
+            self._decided(
+                now,
+                "hold",
+                f"{reasons} — not reconnecting until the printer is switched off and on "
+                "or connected in OctoPrint",
+                level=logging.WARNING,
+            )
+        ]
+
+    def _look_again(self, now: float, why: str) -> list[Action]:
+        self.state = State.CONNECTING
+        self._deadline = now + self._confirm_delay()
+        return [self._log(logging.DEBUG, f"{why}; looking again")]
+
+    def _confirm_delay(self) -> float:
+        if self._attempt is None:
+            return CONFIRM_CAP
+        self._attempt.looks += 1
+        return min(CONFIRM_FIRST * 2.0 ** (self._attempt.looks - 1), CONFIRM_CAP)
+
+    def _note_connection(self) -> None:
+        """Remember an established connection (Operational or busy) on this instance.
+
+        Only an established one counts: a closure from "Connecting" is a failed
+        attempt, never the user's Disconnect.
+        """
+        assert self.device is not None
+        self._seen_connected = True
+        self._fresh = False
+        self.connected_instance = self.device.instance
+
+    def _outage_started(self, result: Unreachable | Refused, now: float) -> list[Action]:
+        if isinstance(result, Refused):
+            text, delay, state = (
+                f"HTTP {result.status}: {result.reason}",
+                REFUSED_RETRY,
+                State.REJECTED,
+            )
+        else:
+            self._outage_count += 1
+            delay = min(UNREACHABLE_FIRST * 2.0 ** (self._outage_count - 1), UNREACHABLE_CAP)
+            text, state = result.reason, State.UNREACHABLE
+        self._deadline = now + delay
+        self.state = state
+        if self._outage == text:
+            return []  # logged once; logged again when it ends
+        first = self._outage is None
+        self._outage = text
+        verb = "cannot reach OctoPrint" if isinstance(result, Unreachable) else "OctoPrint refused"
+        level = logging.ERROR if isinstance(result, Refused) else logging.WARNING
+        suffix = "; will keep trying" if first else ""
+        return [self._decided(now, "wait", f"{verb}: {text}{suffix}", level=level)]
+
+    def _outage_ended(self) -> list[Action]:
+        self._outage_count = 0
+        if self._outage is None:
+            return []
+        self._outage = None
+        return [self._log(logging.INFO, "OctoPrint answers again; reconciling")]
+
+    def _ask(self, action: Action) -> Action:
+        self._in_flight = True
+        self._asked_in = self._generation
+        return action
+
+    def _answered(self) -> bool:
+        """Mark the request answered; return whether its answer still counts."""
+        self._in_flight = False
+        return self.device is not None and self._asked_in == self._generation
+
+    def _reset_attempts(self) -> None:
+        self.attempts = 0
+        self._attempt = None
+        self._failing = None
+
+    def _decided(
+        self,
+        now: float,
+        decision: str,
+        reason: str,
+        *,
+        level: int = logging.INFO,
+        quiet: bool = False,
+    ) -> Log:
+        """Record a decision for the status and log it; ``quiet`` logs it at debug.
+
+        Callers pass ``quiet`` for a decision that repeats one already logged (the
+        next retry of a printer left off), so the journal tells a person what
+        changed, not every tick.
+        """
+        self.decided_at = now
+        self.decision = decision
+        self.reason = reason
+        return self._log(logging.DEBUG if quiet else level, f"{decision}: {reason}")
+
+    def _log(self, level: int, message: str) -> Log:
+        return Log(level, f"{self.settings.name}: {message}")
+
+
+def retry_delay(failed_attempts: int, poll: float = 0.0) -> float:
+    """Given the number of failed connects, return seconds until the next one.
+
+    5 s doubling to 300 s (contract rule 7); a polled printer never retries faster
+    than its poll period.
+    """
+    delay = min(RETRY_FIRST * 2.0 ** max(failed_attempts - 1, 0), RETRY_CAP)
+    return max(delay, min(poll, RETRY_CAP))
+
+
+def choose_port(device: Device, offered: tuple[str, ...], configured: str | None) -> str | None:
+    """Given a device and the ports OctoPrint offers, return the one to connect to.
+
+    A configured port wins when OctoPrint offers it. Otherwise the by-id link (stable
+    across ttyUSB0/ttyUSB1 renames) is preferred, then the node, then any other udev
+    link. Return None when OctoPrint offers none of them: it would answer 400.
+    """
+    if configured is not None and configured in offered:
+        return configured
+    for path in device.paths:
+        if path in offered:
+            return path
+    return None
+
+
+def _glob_hint(path: str) -> str:
+    if path.startswith("/dev/serial/by-id/"):
+        return "/dev/serial/by-id/*"
+    return path

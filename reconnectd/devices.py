@@ -1,0 +1,78 @@
+"""Serial devices as plain values, and the pure rules that match them to printers.
+
+Everything udev tells us is turned into a :class:`Device` at the boundary (see
+``udev.py``), so that matching and deciding never touch pyudev and can be tested
+with tables of plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Device:
+    """One serial device node as udev described it when it appeared.
+
+    ``instance`` changes every time the device (re)appears: it is udev's
+    ``USEC_INITIALIZED`` stamp, or the USB device number, which the kernel assigns
+    anew on every enumeration. Comparing instances tells whether a device vanished
+    and came back while nobody was watching (the daemon was stopped).
+    """
+
+    devpath: str
+    node: str
+    links: tuple[str, ...] = ()
+    vendor_id: str | None = None
+    product_id: str | None = None
+    serial: str | None = None
+    usb_path: str | None = None
+    vendor: str | None = None
+    model: str | None = None
+    driver: str | None = None
+    instance: str = ""
+
+    @property
+    def usb_id(self) -> str | None:
+        """Given a USB device, return ``"vvvv:pppp"``; ``None`` for a non-USB tty."""
+        if self.vendor_id is None or self.product_id is None:
+            return None
+        return f"{self.vendor_id}:{self.product_id}"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every path that names this device: the by-id links first, then the rest."""
+        by_id = tuple(link for link in self.links if link.startswith("/dev/serial/by-id/"))
+        others = tuple(link for link in self.links if link not in by_id)
+        return (*by_id, self.node, *others)
+
+
+@dataclass(frozen=True)
+class DeviceAdded:
+    """A tty appeared (udev ``add``), or was present when the daemon enumerated."""
+
+    device: Device
+    enumerated: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceRemoved:
+    """A tty vanished. Only the devpath is reliable: a remove may carry no ids."""
+
+    devpath: str
+
+
+DeviceEvent = Union[DeviceAdded, DeviceRemoved]
+
+
+def normalize_usb_id(value: str | None) -> str | None:
+    """Given a vendor or product id as udev or a user wrote it, return 4 lowercase hex digits."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text.startswith("0x"):
+        text = text[2:]
+    if len(text) != 4 or any(c not in "0123456789abcdef" for c in text):
+        return None
+    return text

@@ -1,0 +1,725 @@
+"""The decision core, rule by rule, with an injected clock and no I/O."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from reconnectd.core import (
+    EVENT_DRIVEN_ATTEMPTS,
+    RETRY_CAP,
+    STUCK_AFTER,
+    Action,
+    Connect,
+    CoreSettings,
+    Disconnect,
+    HoldKind,
+    Log,
+    PrinterCore,
+    ReadOctoPrint,
+    State,
+    choose_port,
+    retry_delay,
+)
+from reconnectd.devices import Device
+from reconnectd.octoprint_state import (
+    Accepted,
+    CommandResult,
+    OctoPrintView,
+    ReadResult,
+    Refused,
+    Unreachable,
+)
+
+BY_ID = "/dev/serial/by-id/usb-Prusa_Research__prusa3d.com__Original_Prusa_i3_MK3_CZPX-if00"
+NODE = "/dev/ttyACM0"
+DEVICE = Device(
+    devpath="/devices/pci0000:00/usb1/1-1/1-1:1.0/tty/ttyACM0",
+    node=NODE,
+    links=(BY_ID, "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1:1.0"),
+    vendor_id="2c99",
+    product_id="0002",
+    serial="CZPX",
+    instance="1000",
+)
+REPLUGGED = replace(
+    DEVICE,
+    devpath="/devices/pci0000:00/usb1/1-1/1-1:1.0/tty/ttyACM1",
+    node="/dev/ttyACM1",
+    instance="2000",
+)
+PORTS = (NODE, "/dev/ttyACM1", BY_ID)
+THERMAL = "Thermal Runaway, system stopped! Heater_ID: bed - Printer halted. kill() called!"
+VANISHED = (
+    "SerialException: device reports readiness to read but returned no data "
+    "(device disconnected or multiple access on port?)"
+)
+
+
+def view(state: str = "Closed", error: str | None = None, **kw: object) -> OctoPrintView:
+    fields: dict[str, object] = {"ports": PORTS, "baudrate_preference": 115200}
+    fields.update(kw)
+    return OctoPrintView(state=state, error=error, **fields)  # type: ignore[arg-type]
+
+
+CLOSED = view()
+OPERATIONAL = view("Operational", port=BY_ID)
+
+
+@dataclass
+class Bench:
+    """A core, a clock, and everything the core asked for."""
+
+    core: PrinterCore
+    now: float = 100.0
+    log: list[Log] = field(default_factory=list)
+    requests: list[Action] = field(default_factory=list)
+
+    def _take(self, actions: list[Action]) -> list[Action]:
+        for action in actions:
+            if isinstance(action, Log):
+                self.log.append(action)
+            else:
+                self.requests.append(action)
+        return [a for a in actions if not isinstance(a, Log)]
+
+    def add(self, device: Device = DEVICE, *, enumerated: bool = False) -> list[Action]:
+        return self._take(self.core.device_added(device, self.now, enumerated=enumerated))
+
+    def remove(self) -> list[Action]:
+        return self._take(self.core.device_removed(self.now))
+
+    def advance(self, seconds: float) -> list[Action]:
+        """Move the clock, waking the core at each deadline on the way, as the loop does."""
+        end = self.now + seconds
+        out: list[Action] = []
+        while (deadline := self.core.deadline) is not None and deadline <= end:
+            self.now = max(self.now, deadline)
+            out += self._take(self.core.tick(self.now))
+            if out and not isinstance(out[-1], Log):
+                break  # a request is in flight: the caller answers it
+        else:
+            self.now = end
+        return out
+
+    def answer(self, result: ReadResult) -> list[Action]:
+        return self._take(self.core.octoprint_read(result, self.now))
+
+    def done(self, result: CommandResult = Accepted()) -> list[Action]:  # noqa: B008
+        return self._take(self.core.command_done(result, self.now))
+
+    def state(self) -> State:
+        """The core's state, as a call: mypy would narrow an attribute across asserts."""
+        return self.core.state
+
+    def connects(self) -> list[Connect]:
+        return [a for a in self.requests if isinstance(a, Connect)]
+
+    def messages(self, level: int = logging.INFO) -> list[str]:
+        return [entry.message for entry in self.log if entry.level >= level]
+
+    def connect_until_operational(self, first: ReadResult = CLOSED) -> None:
+        """From a read being due: answer Closed, accept the connect, confirm Operational."""
+        assert self.advance(60) == [ReadOctoPrint()]
+        actions = self.answer(first)
+        assert len(actions) == 1 and isinstance(actions[0], Connect)
+        assert self.done() == []
+        assert self.advance(60) == [ReadOctoPrint()]
+        assert self.answer(OPERATIONAL) == []
+        assert self.core.state == State.OPERATIONAL
+
+
+def bench(**settings: object) -> Bench:
+    return Bench(PrinterCore(CoreSettings(name="mk3s", **settings)))  # type: ignore[arg-type]
+
+
+def connected_bench() -> Bench:
+    """A printer that reconnectd connected after a power cycle, now idle."""
+    b = bench()
+    b.add()
+    b.connect_until_operational(view(error=VANISHED))
+    return b
+
+
+# --- rule 1: a device that came back is connected once, after settling --------
+
+
+def test_power_cycle_connects_once_after_settle_to_by_id_link() -> None:
+    b = bench(settle=1.0)
+    assert b.add() == []
+    assert b.advance(0.99) == []
+    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
+    assert b.state() == State.CONNECTING
+    assert b.done() == []
+    assert b.advance(0.5) == [ReadOctoPrint()]
+    assert b.answer(view("Connecting")) == []
+    assert b.advance(1.0) == [ReadOctoPrint()]
+    assert b.answer(OPERATIONAL) == []
+    assert b.state() == State.OPERATIONAL
+    assert b.core.deadline is None, "idle once Operational: no request while nothing happens"
+    assert len(b.connects()) == 1
+    assert any("device came back: connecting to " + BY_ID in m for m in b.messages())
+    assert any("connected: OctoPrint is Operational" in m for m in b.messages())
+
+
+@pytest.mark.parametrize(
+    ("offered", "configured", "expected"),
+    [
+        (PORTS, None, BY_ID),
+        ((NODE,), None, NODE),
+        (("/dev/ttyACM1",), None, None),
+        ((), None, None),
+        ((NODE, BY_ID, "/dev/printer"), "/dev/printer", "/dev/printer"),
+        ((NODE, BY_ID), "/dev/printer", BY_ID),
+        (
+            ("/dev/serial/by-path/pci-0000:00:14.0-usb-0:1:1.0",),
+            None,
+            "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1:1.0",
+        ),
+    ],
+)
+def test_choose_port(
+    offered: tuple[str, ...], configured: str | None, expected: str | None
+) -> None:
+    assert choose_port(DEVICE, offered, configured) == expected
+
+
+def test_configured_baudrate_and_profile_win_over_octoprint_preferences() -> None:
+    b = bench(baudrate=250000, profile="mk3s")
+    b.add()
+    b.advance(1)
+    assert b.answer(view(profile_preference="_default")) == [Connect(BY_ID, 250000, "mk3s")]
+
+
+def test_octoprint_preferences_are_used_when_nothing_is_configured() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    actions = b.answer(view(baudrate_preference=None, profile_preference="_default"))
+    assert actions == [Connect(BY_ID, None, "_default")]
+
+
+def test_port_not_offered_is_one_clear_error_and_no_connect() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(view(ports=("/dev/ttyS0",))) == []
+    assert b.state() == State.NO_PORT
+    errors = b.messages(logging.ERROR)
+    assert len(errors) == 1
+    assert f"OctoPrint does not offer {BY_ID}" in errors[0]
+    assert '"/dev/serial/by-id/*" to serial.additionalPorts' in errors[0]
+    # OctoPrint rebuilds its list per request: look again later, without a second error line.
+    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    b.answer(view(ports=("/dev/ttyS0",)))
+    assert len(b.messages(logging.ERROR)) == 1
+    assert b.connects() == []
+
+
+# --- rule 2: a burst of events leads to at most one connect ------------------
+
+
+def test_burst_of_events_gives_one_read_and_one_connect_after_the_last_event() -> None:
+    b = bench(settle=1.0)
+    for _ in range(5):
+        b.add()
+        b.advance(0.3)
+        b.remove()
+        b.advance(0.3)
+    b.add(REPLUGGED)
+    assert b.advance(0.99) == []
+    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+    assert len([r for r in b.requests if isinstance(r, ReadOctoPrint)]) == 1
+    assert len(b.connects()) == 1
+
+
+def test_event_during_a_read_discards_the_answer_and_settles_again() -> None:
+    b = bench(settle=1.0)
+    b.add()
+    assert b.advance(1) == [ReadOctoPrint()]
+    b.remove()
+    b.add(REPLUGGED)
+    assert b.answer(CLOSED) == [], "an answer from before the event must not connect"
+    assert b.advance(0.99) == []
+    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+
+
+def test_event_during_a_connect_keeps_the_new_settle_window() -> None:
+    b = bench(settle=1.0)
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.remove()
+    b.add(REPLUGGED)
+    assert b.done() == []
+    assert b.core.deadline == pytest.approx(b.now + 1.0)
+
+
+def test_device_removed_while_asking_drops_the_answer() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.remove()
+    assert b.answer(CLOSED) == []
+    assert b.core.deadline is None
+    assert b.state() == State.ABSENT
+
+
+# --- rule 3: nothing is sent while OctoPrint is connecting or connected ------
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "Operational",
+        "Printing",
+        "Printing from SD",
+        "Paused",
+        "Pausing",
+        "Resuming",
+        "Cancelling",
+        "Finishing",
+        "Starting",
+        "Sending file to SD",
+        "Transferring file to SD",
+        "Some state a future OctoPrint invents",
+    ],
+)
+def test_connected_octoprint_is_left_alone(state: str) -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(view(state)) == []
+    assert b.core.deadline is None
+    assert b.advance(3600) == []
+    assert b.connects() == [] and not any(isinstance(r, Disconnect) for r in b.requests)
+    assert any(f"leave: OctoPrint is {state}" in m for m in b.messages())
+
+
+@pytest.mark.parametrize("state", ["Connecting", "Detecting serial connection", "Error"])
+def test_connecting_octoprint_is_watched_not_touched(state: str) -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(view(state)) == []
+    assert b.advance(10) == [ReadOctoPrint()]
+    assert b.answer(OPERATIONAL) == []
+    assert b.connects() == []
+    assert b.state() == State.OPERATIONAL
+
+
+# --- rule 4: a manual Disconnect is respected ---------------------------------
+
+
+def test_manual_disconnect_holds_until_the_device_vanishes_and_comes_back() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    assert b.advance(0) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [], "the user disconnected: no reconnect"
+    assert b.state() == State.HELD
+    assert [h.kind for h in b.core.holds] == [HoldKind.MANUAL]
+    held = b.messages(logging.WARNING)
+    assert len(held) == 1 and "manual disconnect" in held[0]
+    # Looking again changes nothing and logs nothing new.
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    assert b.answer(CLOSED) == []
+    assert len(b.messages(logging.WARNING)) == 1
+    assert len(b.connects()) == 1
+    # Power cycle: released, connected again.
+    b.remove()
+    assert b.core.holds == []
+    b.add(REPLUGGED)
+    b.connect_until_operational()
+    assert len(b.connects()) == 2
+
+
+def test_user_connecting_again_releases_the_hold() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(CLOSED)
+    assert b.core.holds
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    assert b.answer(OPERATIONAL) == []
+    assert b.core.holds == []
+    assert any("connected by the user" in m for m in b.messages())
+
+
+def test_manual_disconnect_seen_before_a_restart_is_respected_after_it() -> None:
+    b = connected_bench()
+    memory = b.core.memory()
+    restarted = bench()
+    assert restarted.core.restore(memory) == []
+    assert restarted.add(DEVICE, enumerated=True) == []
+    assert restarted.advance(0) == [ReadOctoPrint()]
+    assert restarted.answer(CLOSED) == []
+    assert restarted.state() == State.HELD
+    assert restarted.core.holds[0].kind == HoldKind.MANUAL
+
+
+def test_closure_after_our_own_failed_attempt_is_not_a_manual_disconnect() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.done()
+    b.advance(0.5)
+    b.answer(view("Connecting"))
+    b.advance(60)
+    assert b.answer(CLOSED) == [], "a silent printer ends Offline with no error"
+    assert b.core.holds == []
+    assert b.state() == State.RETRY_WAIT
+
+
+# --- rule 5: no reconnect after a firmware fatal error ------------------------
+
+
+def test_fatal_error_holds_until_power_cycle() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    assert b.answer(view(error=THERMAL)) == []
+    assert b.core.holds[0].kind == HoldKind.FATAL
+    assert THERMAL in b.messages(logging.WARNING)[0]
+    b.remove()
+    b.add(REPLUGGED)
+    # OctoPrint still shows the old error: stale after the power cycle.
+    b.connect_until_operational(view(error=THERMAL))
+    assert len(b.connects()) == 2
+
+
+def test_fatal_error_right_after_our_connect_holds() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.done()
+    b.advance(0.5)
+    assert b.answer(view(error="Error:Printer halted. kill() called!")) == []
+    assert b.state() == State.HELD
+
+
+def test_fatal_error_at_first_start_is_held_since_it_cannot_be_proven_stale() -> None:
+    b = bench()
+    b.add(DEVICE, enumerated=True)
+    b.advance(0)
+    assert b.answer(view(error=THERMAL)) == []
+    assert b.state() == State.HELD
+
+
+def test_fatal_error_is_stale_when_the_device_was_replugged_while_we_were_stopped() -> None:
+    b = connected_bench()
+    memory = b.core.memory()
+    restarted = bench()
+    restarted.core.restore(memory)
+    restarted.add(REPLUGGED, enumerated=True)
+    restarted.advance(0)
+    assert restarted.answer(view(error=THERMAL)) == [Connect(BY_ID, 115200, None)]
+
+
+def test_transport_error_on_a_connection_we_saw_is_reconnected() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    actions = b.answer(
+        view(error="Too many consecutive timeouts, printer still connected and alive?")
+    )
+    assert actions == [Connect(BY_ID, 115200, None)]
+    assert b.core.holds == []
+
+
+# --- rule 6: the stuck "Opening serial connection" state is recovered ---------
+
+
+def test_stuck_opening_is_disconnected_then_connected() -> None:
+    b = bench()
+    b.add(DEVICE, enumerated=True)
+    b.advance(0)
+    opening = view("Opening serial connection", port=NODE)
+    assert b.answer(opening) == []
+    while b.now < 100 + STUCK_AFTER - 1:
+        assert b.advance(STUCK_AFTER) == [ReadOctoPrint()]
+        if b.now >= 100 + STUCK_AFTER:
+            break
+        assert b.answer(opening) == []
+    assert b.answer(opening) == [Disconnect()]
+    assert b.now >= 100 + STUCK_AFTER
+    assert any("stuck" in m for m in b.messages(logging.WARNING))
+    assert b.done() == []
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+
+
+def test_short_opening_is_not_stuck() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(view("Opening serial connection")) == []
+    b.advance(STUCK_AFTER / 2)
+    assert b.answer(OPERATIONAL) == []
+    assert not any(isinstance(r, Disconnect) for r in b.requests)
+
+
+def test_our_attempt_stuck_in_opening_counts_as_failed_and_backs_off() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.done()
+    opening = view("Opening serial connection")
+    actions: list[Action] = []
+    while not actions:
+        b.advance(STUCK_AFTER)
+        actions = b.answer(opening)
+    assert actions == [Disconnect()]
+    b.done()
+    b.advance(1)
+    assert b.answer(CLOSED) == [], "after a stuck attempt, wait for the backoff"
+    assert b.core.attempts == 1
+    assert b.state() == State.RETRY_WAIT
+    assert b.advance(retry_delay(1)) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+
+
+# --- rule 7: a connect that does not reach Operational is retried with backoff --
+
+
+@pytest.mark.parametrize(
+    ("failed", "poll", "delay"),
+    [
+        (1, 0, 5),
+        (2, 0, 10),
+        (3, 0, 20),
+        (4, 0, 40),
+        (5, 0, 80),
+        (6, 0, 160),
+        (7, 0, 300),
+        (12, 0, 300),
+        (1, 30, 30),
+        (4, 30, 40),
+        (1, 600, 300),
+    ],
+)
+def test_retry_delay(failed: int, poll: float, delay: float) -> None:
+    assert retry_delay(failed, poll) == delay
+
+
+def fail_attempt(b: Bench) -> None:
+    """Answer the due read with Closed, accept the connect, then report it failed."""
+    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    assert isinstance(b.answer(CLOSED)[0], Connect)
+    b.done()
+    assert b.advance(1) == [ReadOctoPrint()]
+    b.answer(CLOSED)
+
+
+def test_failed_connects_back_off_then_give_up_until_the_device_returns() -> None:
+    b = bench()
+    b.add()
+    starts: list[float] = []
+    for _ in range(EVENT_DRIVEN_ATTEMPTS):
+        fail_attempt(b)
+        starts.append(b.now)
+    assert len(b.connects()) == EVENT_DRIVEN_ATTEMPTS
+    assert b.state() == State.GAVE_UP
+    assert b.advance(3600) == []
+    gaps = [round(later - earlier) for earlier, later in zip(starts, starts[1:])]
+    # each gap: the backoff plus the 0.5 s confirmation look
+    assert gaps == [round(retry_delay(n) + 0.5) for n in range(1, EVENT_DRIVEN_ATTEMPTS)]
+    # A new device event resets the backoff and connects again.
+    b.remove()
+    b.add(REPLUGGED)
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert isinstance(b.answer(CLOSED)[0], Connect)
+    assert b.core.attempts == 0
+
+
+def test_polled_printer_keeps_retrying_at_the_cap() -> None:
+    b = bench(poll=60)
+    b.add()
+    for _ in range(EVENT_DRIVEN_ATTEMPTS + 3):
+        fail_attempt(b)
+    assert b.state() == State.RETRY_WAIT
+    assert b.core.deadline == pytest.approx(b.now + RETRY_CAP)
+
+
+def test_repeated_failures_are_logged_once_per_reason_change() -> None:
+    b = bench(poll=60)
+    b.add()
+    for _ in range(12):
+        fail_attempt(b)
+    warnings = b.messages(logging.WARNING)
+    assert len(warnings) == 1, warnings  # once per run of failures, not once per attempt
+    assert "attempt 1 failed" in warnings[0]
+    assert not [m for m in b.messages() if "retry 5: connecting" in m], "retries go to debug"
+    # recovery is logged again
+    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    b.answer(CLOSED)
+    b.done()
+    b.advance(1)
+    b.answer(OPERATIONAL)
+    assert "connected: OctoPrint is Operational" in b.messages()[-1]
+
+
+def test_port_refused_by_octoprint_is_a_failed_attempt() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    assert b.done(Refused(400, "port is invalid")) == []
+    assert b.core.attempts == 1
+    assert b.state() == State.RETRY_WAIT
+
+
+# --- rule 8: OctoPrint down or answering errors: keep retrying, then reconcile ---
+
+
+def test_unreachable_octoprint_is_retried_and_reconciled_when_back() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    delays = []
+    for _ in range(8):
+        before = b.now
+        assert b.answer(Unreachable("connection refused")) == []
+        assert b.advance(60) == [ReadOctoPrint()]
+        delays.append(round(b.now - before))
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    warnings = b.messages(logging.WARNING)
+    assert len(warnings) == 1 and "cannot reach OctoPrint: connection refused" in warnings[0]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+    assert any("answers again" in m for m in b.messages())
+
+
+def test_rejected_key_is_an_error_logged_once_and_looked_at_again_later() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(Refused(403, "API key rejected or lacking permission")) == []
+    assert b.state() == State.REJECTED
+    assert b.advance(59) == []
+    assert b.advance(1) == [ReadOctoPrint()]
+    b.answer(Refused(403, "API key rejected or lacking permission"))
+    errors = b.messages(logging.ERROR)
+    assert len(errors) == 1 and "HTTP 403" in errors[0]
+
+
+def test_connect_that_timed_out_is_checked_before_connecting_again() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    assert b.done(Unreachable("no answer within 5 s")) == []
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.answer(view("Connecting")) == [], "the connect landed after all: do not stack another"
+    assert len(b.connects()) == 1
+
+
+# --- rule 9: at start, a present device with OctoPrint closed is connected ----
+
+
+def test_start_with_device_present_connects_without_waiting_to_settle() -> None:
+    b = bench(settle=5.0)
+    assert b.add(DEVICE, enumerated=True) == []
+    assert b.advance(0) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+
+
+def test_start_with_a_stored_hold_on_the_same_instance_does_not_connect() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(view(error=THERMAL))
+    restarted = bench()
+    restarted.core.restore(b.core.memory())
+    restarted.add(DEVICE, enumerated=True)
+    restarted.advance(0)
+    assert restarted.answer(CLOSED) == []
+    assert restarted.core.holds[0].kind == HoldKind.FATAL
+
+
+def test_start_releases_a_stored_hold_when_the_device_was_replugged_meanwhile() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(CLOSED)
+    restarted = bench()
+    restarted.core.restore(b.core.memory())
+    restarted.add(REPLUGGED, enumerated=True)
+    assert restarted.core.holds == []
+    restarted.advance(0)
+    assert restarted.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+
+
+def test_start_keeps_a_hold_when_the_instance_is_unknown() -> None:
+    anonymous = replace(DEVICE, instance="")
+    b = bench()
+    b.core.restore({"holds": [{"kind": "manual", "reason": "x", "instance": ""}]})
+    b.add(anonymous, enumerated=True)
+    b.advance(0)
+    assert b.answer(CLOSED) == []
+    assert b.state() == State.HELD
+
+
+def test_start_with_nothing_remembered_and_octoprint_offline_connects() -> None:
+    b = bench()
+    b.add(DEVICE, enumerated=True)
+    b.advance(0)
+    assert b.answer(view(state="Offline")) == [Connect(BY_ID, 115200, None)]
+
+
+# --- memory, dry run -----------------------------------------------------------
+
+
+def test_memory_round_trips_and_is_json_ready() -> None:
+    import json
+
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(view(error=THERMAL))
+    memory = json.loads(json.dumps(b.core.memory()))
+    fresh = bench()
+    assert fresh.core.restore(memory) == []
+    assert fresh.core.holds == b.core.holds
+    assert fresh.core.connected_instance == "1000"
+
+
+@pytest.mark.parametrize(
+    ("memory", "problem"),
+    [
+        ([], "stored state is not an object"),
+        ({"holds": "x"}, "stored holds are not a list"),
+        ({"holds": [{"kind": "sideways", "reason": "x", "instance": "1"}]}, "is malformed"),
+        ({"holds": [{"reason": "x"}]}, "is malformed"),
+        ({"connected_instance": 5}, "stored connected_instance is not a string"),
+    ],
+)
+def test_malformed_memory_is_reported_not_raised(memory: object, problem: str) -> None:
+    b = bench()
+    problems = b.core.restore(memory)
+    assert len(problems) == 1 and problem in problems[0] and problems[0].startswith("mk3s: ")
+
+
+def test_dry_run_decides_and_logs_but_never_posts() -> None:
+    b = bench(dry_run=True)
+    b.add()
+    b.advance(1)
+    assert b.answer(CLOSED) == []
+    assert b.state() == State.DRY_RUN
+    assert any("would connect to " + BY_ID in m and "dry run" in m for m in b.messages())
+    b.remove()
+    b.add(REPLUGGED, enumerated=True)
+    b.advance(0)
+    stuck = view("Opening serial connection")
+    b.answer(stuck)
+    b.advance(STUCK_AFTER)
+    assert b.answer(stuck) == []
+    assert not any(isinstance(r, (Connect, Disconnect)) for r in b.requests)
