@@ -1,0 +1,100 @@
+"""JSON files that other processes read while the daemon rewrites them.
+
+The status file is read by ``reconnectd status`` at any moment, and the holds file
+must survive a power cut mid-write; both are therefore replaced, never rewritten in
+place: the new content goes to a temporary file in the same directory (a rename is
+atomic only within one file system), is flushed to disk, and is renamed over the old.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class JsonFileError(Exception):
+    """A JSON file that is missing, unreadable or not JSON; the message says which.
+
+    ``missing`` is true when the file does not exist, which callers often treat
+    differently ("not running yet") from a broken file.
+    """
+
+    def __init__(self, path: Path, problem: str, *, missing: bool = False) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.missing = missing
+
+
+def write_json_atomic(path: Path, document: object, mode: int = 0o644) -> None:
+    """Given a path and a JSON-serialisable document, replace the file atomically.
+
+    A reader sees the old content or the new, never a mixture. The file gets exactly
+    ``mode`` whatever the umask; a missing parent directory is created. Raise
+    ``OSError`` if it cannot be written (the old file, if any, is then untouched and
+    no temporary file is left); ``TypeError`` or ``ValueError`` if the document is
+    not serialisable, before anything is written.
+    """
+    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The leading dot and the suffix keep a leftover (after a crash) out of globs
+    # such as *.json, and make clear what it was.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as tmp:
+            os.fchmod(tmp.fileno(), mode)
+            tmp.write(data)
+            tmp.flush()
+            # Without this, a crash soon after the rename can leave an empty file
+            # under the new name (ext4 delayed allocation).
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Given a directory, flush its entries so that a rename in it survives a crash."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some file systems refuse fsync on a directory (EINVAL); the rename has
+        # happened, only its durability is less certain.
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> object:
+    """Given a path, return the JSON document it holds.
+
+    Raise ``JsonFileError`` if the file is missing, cannot be read, or is not JSON
+    (invalid UTF-8 included); its message names the file and the problem.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JsonFileError(path, "no such file", missing=True) from None
+    except IsADirectoryError:
+        raise JsonFileError(path, "is a directory, not a file") from None
+    except OSError as exc:
+        raise JsonFileError(path, f"cannot read: {exc.strerror or exc}") from None
+    if not data.strip():
+        # Plainer than json's "Expecting value: line 1 column 1" for the same thing.
+        raise JsonFileError(path, "is empty, not JSON")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise JsonFileError(path, f"not JSON: not valid UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        problem = f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise JsonFileError(path, problem) from None
