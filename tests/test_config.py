@@ -1,0 +1,783 @@
+"""The config file: every malformed file a user writes, and the exact message for it."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from reconnectd import config as config_module
+from reconnectd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    OctoPrintConfig,
+    PrinterConfig,
+    config_path,
+    load_config,
+    parse_config,
+)
+
+SOURCE = Path("/etc/reconnectd/reconnectd.toml")
+SECRET = "S3CRETKEY0123456789abcdefABCDEF01"
+PRINTER = '[[printer]]\nname = "mk3s"\n'
+PRINTER_PORT = '[[printer]]\nname = "mk3s"\nport = "/dev/ttyACM0"\n'
+URL_FORM = 'expected an http:// or https:// URL with a host like "http://127.0.0.1:5000"'
+
+
+def problems_of(text: str, source: Path = SOURCE) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source)
+    return info.value.problems
+
+
+# --- one mistake, one exact message ------------------------------------------------
+
+MALFORMED = [
+    pytest.param(
+        PRINTER + 'vendorid = "2c99"\n',
+        ['printer[0].vendorid: unknown key "vendorid" (did you mean "vendor_id"?)'],
+        id="unknown-key-suggested",
+    ),
+    pytest.param(
+        'frobnicate = 1\n[octoprint]\nurl = "http://octopi.local"\n',
+        ['frobnicate: unknown key "frobnicate" (expected one of: octoprint, printer)'],
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        '[octoprnt]\nurl = "http://octopi.local"\n',
+        ['octoprnt: unknown key "octoprnt" (did you mean "octoprint"?)'],
+        id="unknown-table-suggested",
+    ),
+    pytest.param(
+        PRINTER_PORT + '[printer.octoprint]\nurll = "http://x"\n',
+        ['printer[0].octoprint.urll: unknown key "urll" (did you mean "url"?)'],
+        id="unknown-key-in-printer-octoprint",
+    ),
+    pytest.param(
+        PRINTER_PORT + '"odd key" = 1\n',
+        [
+            'printer[0]."odd key": unknown key "odd key" (expected one of: name, vendor_id,'
+            " product_id, serial, port, baudrate, profile, settle, poll, octoprint)"
+        ],
+        id="unknown-quoted-key",
+    ),
+    pytest.param(
+        PRINTER_PORT + 'settle = "1s"\n',
+        ['printer[0].settle: expected a number of seconds, got "1s"'],
+        id="duration-as-string",
+    ),
+    pytest.param(
+        PRINTER_PORT + "settle = 1979-05-27\n",
+        ["printer[0].settle: expected a number of seconds, got a date"],
+        id="duration-as-date",
+    ),
+    pytest.param(
+        PRINTER_PORT + "baudrate = true\n",
+        ["printer[0].baudrate: expected an integer, got true"],
+        id="baudrate-bool",
+    ),
+    pytest.param(
+        PRINTER_PORT + "baudrate = 115200.0\n",
+        ["printer[0].baudrate: expected an integer, got 115200.0"],
+        id="baudrate-float",
+    ),
+    pytest.param(
+        PRINTER_PORT + "baudrate = 0\n",
+        ["printer[0].baudrate: must be a positive integer, got 0"],
+        id="baudrate-zero",
+    ),
+    pytest.param(
+        PRINTER + 'vendor_id = "2c9"\n',
+        ['printer[0].vendor_id: expected 4 hex digits like "2c99", got "2c9"'],
+        id="bad-hex-short",
+    ),
+    pytest.param(
+        PRINTER + 'vendor_id = "2c99"\nproduct_id = "00g2"\n',
+        ['printer[0].product_id: expected 4 hex digits like "2c99", got "00g2"'],
+        id="bad-hex-letter",
+    ),
+    pytest.param(
+        PRINTER + "vendor_id = 0x2c99\n",
+        ['printer[0].vendor_id: expected 4 hex digits in quotes like "2c99", got 11417'],
+        id="hex-as-number",
+    ),
+    pytest.param(
+        PRINTER_PORT + PRINTER_PORT,
+        ['printer[1].name: "mk3s" is also the name of printer[0]'],
+        id="duplicate-name",
+    ),
+    pytest.param(
+        '[[printer]]\nport = "/dev/ttyACM0"\n',
+        ['printer[0].name: missing: every [[printer]] needs a unique name like "mk3s"'],
+        id="missing-name",
+    ),
+    pytest.param(
+        '[[printer]]\nname = "my printer"\nport = "/dev/ttyACM0"\n',
+        [
+            'printer[0].name: expected a name of letters, digits, "_", "." and "-" like "mk3s",'
+            ' got "my printer"'
+        ],
+        id="name-with-space",
+    ),
+    pytest.param(
+        '[[printer]]\nname = ".."\nport = "/dev/ttyACM0"\n',
+        [
+            'printer[0].name: expected a name of letters, digits, "_", "." and "-" like "mk3s",'
+            ' got ".."'
+        ],
+        id="name-dots-only",
+    ),
+    pytest.param(
+        PRINTER_PORT + "settle = -1\n",
+        ["printer[0].settle: must be at least 0 and at most 600 seconds, got -1"],
+        id="negative-settle",
+    ),
+    pytest.param(
+        PRINTER_PORT + "settle = 600.5\n",
+        ["printer[0].settle: must be at least 0 and at most 600 seconds, got 600.5"],
+        id="settle-too-long",
+    ),
+    pytest.param(
+        PRINTER_PORT + "poll = 3\n",
+        ["printer[0].poll: must be 0 (off) or between 5 and 86400 seconds, got 3"],
+        id="poll-too-short",
+    ),
+    pytest.param(
+        PRINTER_PORT + "poll = -5\n",
+        ["printer[0].poll: must be 0 (off) or between 5 and 86400 seconds, got -5"],
+        id="poll-negative",
+    ),
+    pytest.param(
+        PRINTER_PORT + "poll = inf\n",
+        ["printer[0].poll: must be 0 (off) or between 5 and 86400 seconds, got inf"],
+        id="poll-infinite",
+    ),
+    pytest.param(
+        "[octoprint]\ntimeout = 0\n",
+        ["octoprint.timeout: must be more than 0 and at most 60 seconds, got 0"],
+        id="timeout-zero",
+    ),
+    pytest.param(
+        "[octoprint]\ntimeout = 61\n",
+        ["octoprint.timeout: must be more than 0 and at most 60 seconds, got 61"],
+        id="timeout-too-long",
+    ),
+    pytest.param(
+        "[octoprint]\ntimeout = nan\n",
+        ["octoprint.timeout: must be more than 0 and at most 60 seconds, got nan"],
+        id="timeout-nan",
+    ),
+    pytest.param(
+        "[octoprint\n",
+        ["line 1, column 11: Expected ']' at the end of a table declaration"],
+        id="toml-syntax-error",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "http://octopi.local\n',
+        ["line 2, column 27: Illegal character '\\n'"],
+        id="toml-unclosed-string",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "http://a"\nurl = "http://b"\n',
+        ["line 3, column 17: Cannot overwrite a value"],
+        id="toml-duplicate-key",
+    ),
+    pytest.param(
+        f'[octoprint]\napi_key = "{SECRET}"\napi_key_file = "octoprint.key"\n',
+        ["octoprint: api_key and api_key_file are both set; keep one"],
+        id="both-api-key-and-file",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key = ""\n',
+        ["octoprint.api_key: must not be empty"],
+        id="empty-api-key",
+    ),
+    pytest.param(
+        "[octoprint]\napi_key = 1234567\n",
+        ["octoprint.api_key: expected the key as a string, got a number"],
+        id="api-key-number",
+    ),
+    pytest.param(
+        f'[octoprint]\napi_key = "{SECRET} {SECRET}"\n',
+        ["octoprint.api_key: the key must be a single word with no spaces or line breaks"],
+        id="api-key-two-words",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "ftp://octopi.local"\n',
+        [f'octoprint.url: {URL_FORM}, got "ftp://octopi.local"'],
+        id="url-not-http",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "http://"\n',
+        [f'octoprint.url: {URL_FORM}, got "http://"'],
+        id="url-without-host",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "octopi.local:5000"\n',
+        [f'octoprint.url: {URL_FORM}, got "octopi.local:5000"'],
+        id="url-without-scheme",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "http://octopi.local:99999"\n',
+        [f'octoprint.url: {URL_FORM}, got "http://octopi.local:99999"'],
+        id="url-bad-port",
+    ),
+    pytest.param(
+        '[octoprint]\nurl = "gopher://admin:hunter2@octopi.local/"\n',
+        [f'octoprint.url: {URL_FORM}, got "gopher://admin:***@octopi.local/"'],
+        id="url-password-redacted",
+    ),
+    pytest.param(
+        "[octoprint]\nurl = 5000\n",
+        [f"octoprint.url: {URL_FORM}, got 5000"],
+        id="url-number",
+    ),
+    pytest.param(
+        '[[printer]]\nname = "mk3s"\nbaudrate = 115200\n',
+        ["printer[0]: needs vendor_id or port to know which device is this printer"],
+        id="neither-vendor-nor-port",
+    ),
+    pytest.param(
+        PRINTER_PORT + 'product_id = "0002"\n',
+        ["printer[0].product_id: needs vendor_id as well"],
+        id="product-without-vendor",
+    ),
+    pytest.param(
+        PRINTER_PORT + 'serial = "CZPX1017"\n',
+        ["printer[0].serial: needs vendor_id as well"],
+        id="serial-without-vendor",
+    ),
+    pytest.param(
+        PRINTER_PORT + "serial = 1017\n",
+        [
+            "printer[0].serial: expected a non-empty string, got 1017",
+            "printer[0].serial: needs vendor_id as well",
+        ],
+        id="serial-number-and-no-vendor",
+    ),
+    pytest.param(
+        PRINTER_PORT + 'profile = ""\n',
+        ['printer[0].profile: expected a non-empty string, got ""'],
+        id="empty-profile",
+    ),
+    pytest.param(
+        '[[printer]]\nname = "mk3s"\nport = "ttyACM0"\n',
+        [
+            'printer[0].port: expected an absolute path under /dev like "/dev/ttyACM0",'
+            ' got "ttyACM0"'
+        ],
+        id="port-relative",
+    ),
+    pytest.param(
+        '[[printer]]\nname = "mk3s"\nport = "/dev/../etc/passwd"\n',
+        [
+            'printer[0].port: expected an absolute path under /dev like "/dev/ttyACM0",'
+            ' got "/dev/../etc/passwd"'
+        ],
+        id="port-escapes-dev",
+    ),
+    pytest.param(
+        "printer = 5\n",
+        ["printer: expected an array of tables [[printer]], got 5"],
+        id="printer-not-array",
+    ),
+    pytest.param(
+        '[printer]\nname = "mk3s"\n',
+        ["printer: expected an array of tables written [[printer]], got a table [printer]"],
+        id="printer-single-brackets",
+    ),
+    pytest.param(
+        'printer = [1, "a"]\n',
+        [
+            "printer[0]: expected a table [[printer]], got 1",
+            'printer[1]: expected a table [[printer]], got "a"',
+        ],
+        id="printer-array-of-values",
+    ),
+    pytest.param(
+        PRINTER_PORT + 'octoprint = "http://127.0.0.1:5001"\n',
+        ['printer[0].octoprint: expected a table [printer.octoprint], got "http://127.0.0.1:5001"'],
+        id="printer-octoprint-not-table",
+    ),
+    pytest.param(
+        "octoprint = 5\n",
+        ["octoprint: expected a table [octoprint], got 5"],
+        id="octoprint-not-table",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MALFORMED)
+def test_malformed_file_names_file_key_and_problem(text: str, expected: list[str]) -> None:
+    assert problems_of(text) == [f"{SOURCE}: {line}" for line in expected]
+
+
+def test_toml_error_at_end_of_file_says_so() -> None:
+    assert problems_of('[octoprint]\nurl = "http://x') == [
+        f"{SOURCE}: end of file: Unterminated string"
+    ]
+
+
+def test_several_problems_are_all_reported_in_one_error() -> None:
+    text = (
+        '[octoprint]\nurl = "ftp://x"\ntimeout = -1\n'
+        '[[printer]]\nname = "a"\nvendor_id = "2c9"\nsettle = "1s"\n'
+        '[[printer]]\nname = "a"\nport = "/dev/ttyUSB0"\npol = 10\n'
+    )
+    expected = [
+        f'octoprint.url: {URL_FORM}, got "ftp://x"',
+        "octoprint.timeout: must be more than 0 and at most 60 seconds, got -1",
+        'printer[0].vendor_id: expected 4 hex digits like "2c99", got "2c9"',
+        'printer[0].settle: expected a number of seconds, got "1s"',
+        'printer[1].pol: unknown key "pol" (did you mean "poll"?)',
+        'printer[1].name: "a" is also the name of printer[0]',
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SOURCE)
+    assert info.value.problems == [f"{SOURCE}: {line}" for line in expected]
+    assert str(info.value) == "\n".join(f"{SOURCE}: {line}" for line in expected)
+
+
+# --- the API key file -----------------------------------------------------------
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+def test_api_key_file_relative_to_config_dir_is_read_and_stripped(tmp_path: Path) -> None:
+    source = tmp_path / "etc" / "reconnectd.toml"
+    write(tmp_path / "etc" / "keys" / "octoprint.key", f"\n  {SECRET}  \n")
+    config = parse_config('[octoprint]\napi_key_file = "keys/octoprint.key"\n', source)
+    assert config.octoprint.api_key == SECRET
+    assert config.octoprint.api_key_file == tmp_path / "etc" / "keys" / "octoprint.key"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(None, 'cannot read "{file}": No such file or directory', id="missing"),
+        pytest.param("", '"{file}" is empty', id="empty"),
+        pytest.param(" \n\t\n", '"{file}" is empty', id="blank"),
+        pytest.param(b"\xff\xfe", '"{file}" is not UTF-8 text', id="not-utf8"),
+        pytest.param(
+            f"{SECRET}\n{SECRET}\n",
+            "the key must be a single word with no spaces or line breaks",
+            id="two-lines",
+        ),
+        pytest.param("x" * 5000, '"{file}" is larger than 4096 bytes: not a key file', id="huge"),
+    ],
+)
+def test_api_key_file_problems(tmp_path: Path, content: str | bytes | None, problem: str) -> None:
+    source = tmp_path / "reconnectd.toml"
+    key_file = tmp_path / "octoprint.key"
+    if content is not None:
+        write(key_file, content)
+    text = PRINTER_PORT + '[printer.octoprint]\napi_key_file = "octoprint.key"\n'
+    assert problems_of(text, source) == [
+        f"{source}: printer[0].octoprint.api_key_file: " + problem.format(file=key_file)
+    ]
+
+
+def test_api_key_file_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "reconnectd.toml"
+    (tmp_path / "keys").mkdir()
+    assert problems_of('[octoprint]\napi_key_file = "keys"\n', source) == [
+        f'{source}: octoprint.api_key_file: "{tmp_path / "keys"}" is not a regular file'
+    ]
+
+
+# --- valid files ------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = parse_config(PRINTER + 'vendor_id = "0x2C99"\n', SOURCE)
+    assert config == Config(
+        source=SOURCE,
+        octoprint=OctoPrintConfig(),
+        printers=(PrinterConfig(name="mk3s", octoprint=OctoPrintConfig(), vendor_id="2c99"),),
+    )
+    printer = config.printers[0]
+    assert (printer.settle, printer.poll, printer.known_boards) == (1.0, 0.0, False)
+    assert config.octoprint == OctoPrintConfig(
+        url="http://127.0.0.1:5000", api_key=None, api_key_file=None, timeout=5.0
+    )
+    assert not config.zero_config
+
+
+def test_every_key_is_read() -> None:
+    text = (
+        '[octoprint]\nurl = "https://octopi.local/octoprint/"\n'
+        f'api_key = "{SECRET}"\ntimeout = 2.5\n'
+        '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\nproduct_id = "0002"\n'
+        'serial = "CZPX1017X004XK12345"\nport = "/dev/serial/by-id/usb-Prusa-if00"\n'
+        'baudrate = 115200\nprofile = "_default"\nsettle = 2\npoll = 30\n'
+    )
+    config = parse_config(text, SOURCE)
+    shared = OctoPrintConfig(url="https://octopi.local/octoprint", api_key=SECRET, timeout=2.5)
+    assert config.octoprint == shared
+    assert config.printers == (
+        PrinterConfig(
+            name="mk3s",
+            octoprint=shared,
+            vendor_id="2c99",
+            product_id="0002",
+            serial="CZPX1017X004XK12345",
+            port="/dev/serial/by-id/usb-Prusa-if00",
+            baudrate=115200,
+            profile="_default",
+            settle=2.0,
+            poll=30.0,
+        ),
+    )
+    assert isinstance(config.printers[0].settle, float)
+
+
+def test_printer_inherits_octoprint() -> None:
+    text = (
+        f'[octoprint]\nurl = "http://octopi.local:5000/"\napi_key = "{SECRET}"\ntimeout = 3\n'
+        + PRINTER_PORT
+    )
+    config = parse_config(text, SOURCE)
+    assert config.printers[0].octoprint == OctoPrintConfig(
+        url="http://octopi.local:5000", api_key=SECRET, timeout=3.0
+    )
+
+
+def test_printer_overrides_octoprint_key_by_key(tmp_path: Path) -> None:
+    source = tmp_path / "reconnectd.toml"
+    write(tmp_path / "mk3s.key", "PRINTERKEY\n")
+    text = (
+        f'[octoprint]\nurl = "http://127.0.0.1:5000"\napi_key = "{SECRET}"\ntimeout = 3\n'
+        + PRINTER_PORT
+        + '[printer.octoprint]\nurl = "http://127.0.0.1:5001"\n'
+        + '[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        + '[printer.octoprint]\napi_key_file = "mk3s.key"\n'
+    )
+    config = parse_config(text, source)
+    mk3s, mini = config.printers
+    assert mk3s.octoprint == OctoPrintConfig(
+        url="http://127.0.0.1:5001", api_key=SECRET, timeout=3.0
+    )
+    # A printer's own key file replaces the shared inline key: not "both set".
+    assert mini.octoprint == OctoPrintConfig(
+        url="http://127.0.0.1:5000",
+        api_key="PRINTERKEY",
+        api_key_file=tmp_path / "mk3s.key",
+        timeout=3.0,
+    )
+    assert config.octoprint.api_key == SECRET
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty-file"),
+        pytest.param("# nothing but a comment\n", id="comment-only"),
+        pytest.param('[octoprint]\nurl = "http://octopi.local"\n', id="octoprint-only"),
+        pytest.param("printer = []\n", id="empty-printer-array"),
+    ],
+)
+def test_no_printer_means_known_boards(text: str) -> None:
+    config = parse_config(text, SOURCE)
+    assert config.zero_config
+    (printer,) = config.printers
+    assert printer == PrinterConfig(name="printer", octoprint=config.octoprint, known_boards=True)
+    assert config.source == SOURCE
+
+
+# --- where the file is, and whether it must exist ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "expected"),
+    [
+        pytest.param(
+            "/a.toml", {"RECONNECTD_CONFIG": "/b.toml"}, (Path("/a.toml"), True), id="cli-wins"
+        ),
+        pytest.param(
+            None, {"RECONNECTD_CONFIG": "/b.toml"}, (Path("/b.toml"), True), id="env-next"
+        ),
+        pytest.param(None, {}, (DEFAULT_CONFIG_PATH, False), id="default-last"),
+        pytest.param(
+            None, {"RECONNECTD_CONFIG": ""}, (DEFAULT_CONFIG_PATH, False), id="empty-env-unset"
+        ),
+    ],
+)
+def test_config_path_order(
+    cli: str | None, environ: dict[str, str], expected: tuple[Path, bool]
+) -> None:
+    assert config_path(cli, environ) == expected
+
+
+def test_missing_default_file_is_zero_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    config = load_config(None, {})
+    assert config == Config(
+        source=None,
+        octoprint=OctoPrintConfig(),
+        printers=(PrinterConfig(name="printer", octoprint=OctoPrintConfig(), known_boards=True),),
+    )
+    assert config.zero_config
+
+
+def test_present_default_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = write(tmp_path / "reconnectd.toml", PRINTER_PORT)
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", default)
+    assert load_config(None, {}).printers[0].name == "mk3s"
+
+
+@pytest.mark.parametrize(
+    ("use_cli", "origin"),
+    [pytest.param(True, "--config", id="cli"), pytest.param(False, "$RECONNECTD_CONFIG", id="env")],
+)
+def test_missing_named_file_is_an_error(tmp_path: Path, use_cli: bool, origin: str) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        if use_cli:
+            load_config(str(missing), {})
+        else:
+            load_config(None, {"RECONNECTD_CONFIG": str(missing)})
+    assert info.value.problems == [f"{missing}: no such file (named by {origin})"]
+
+
+def test_named_file_wins_over_environment(tmp_path: Path) -> None:
+    cli = write(tmp_path / "cli.toml", PRINTER_PORT)
+    env = write(tmp_path / "env.toml", "this is not toml")
+    assert load_config(str(cli), {"RECONNECTD_CONFIG": str(env)}).source == cli
+
+
+def test_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path), {})
+    assert info.value.problems == [f"{tmp_path}: cannot read the file: Is a directory"]
+
+
+def test_non_utf8_file_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.toml", b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {})
+    assert info.value.problems == [f"{path}: not UTF-8 text (byte 0xe9 at offset 5)"]
+
+
+def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.toml", b"\xef\xbb\xbf" + PRINTER_PORT.encode())
+    assert load_config(str(path), {}).printers[0].port == "/dev/ttyACM0"
+
+
+# --- the key stays secret ----------------------------------------------------------
+
+
+def test_key_never_in_repr_str_or_messages(tmp_path: Path) -> None:
+    source = tmp_path / "reconnectd.toml"
+    write(tmp_path / "k.key", SECRET)
+    config = parse_config(f'[octoprint]\napi_key = "{SECRET}"\n' + PRINTER_PORT, source)
+    from_file = parse_config('[octoprint]\napi_key_file = "k.key"\n' + PRINTER_PORT, source)
+    for shown in (repr(config), str(config), repr(from_file), str(from_file.printers)):
+        assert SECRET not in shown
+    assert config.octoprint.api_key == from_file.octoprint.api_key == SECRET
+
+    bad = [
+        f'[octoprint]\napi_key = "{SECRET}"\napi_key_file = "k.key"\n',
+        f'[octoprint]\napi_key = " {SECRET} x"\n',
+        f'[octoprint]\napikey = "{SECRET}"\n',
+        f'[octoprint]\napi_key = ["{SECRET}"]\n',
+        f'[octoprint]\napi_key = "{SECRET}"\nurl = "ftp://x"\n',
+    ]
+    for text in bad:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, source)
+        assert SECRET not in str(info.value)
+        assert SECRET not in repr(info.value)
+
+
+# --- the shipped example ------------------------------------------------------------
+
+
+def example_text() -> str:
+    return resources.files("reconnectd").joinpath("example.toml").read_text(encoding="utf-8")
+
+
+def test_example_parses_as_zero_config() -> None:
+    config = parse_config(example_text(), DEFAULT_CONFIG_PATH)
+    assert config.zero_config
+    assert config.octoprint == OctoPrintConfig()
+
+
+def test_example_settings_are_valid_when_uncommented(tmp_path: Path) -> None:
+    # Settings are commented as "#key = value"; uncomment them all (except the
+    # inline key, which excludes the key file) and the file must still be valid.
+    write(tmp_path / "octoprint.key", SECRET)
+    write(tmp_path / "mk3s.key", "PRINTERKEY")
+    lines = []
+    for line in example_text().splitlines():
+        if re.match(r"#[\[a-z]", line) and not line.startswith("#api_key ="):
+            line = line[1:]
+        lines.append(line.replace("/etc/reconnectd/", f"{tmp_path}/"))
+    config = parse_config("\n".join(lines), tmp_path / "reconnectd.toml")
+    (printer,) = config.printers
+    assert printer.name == "mk3s"
+    assert (printer.vendor_id, printer.product_id, printer.baudrate) == ("2c99", "0002", 115200)
+    assert printer.octoprint.url == "http://127.0.0.1:5001"
+    assert printer.octoprint.api_key == "PRINTERKEY"
+    assert config.octoprint.api_key == SECRET
+
+
+def test_example_mentions_every_key() -> None:
+    text = example_text()
+    keys = [
+        *("url", "api_key", "api_key_file", "timeout"),
+        *(
+            "name",
+            "vendor_id",
+            "product_id",
+            "serial",
+            "port",
+            "baudrate",
+            "profile",
+            "settle",
+            "poll",
+        ),
+    ]
+    for key in keys:
+        assert re.search(rf"^#?{key} = ", text, re.MULTILINE), key
+    assert "[printer.octoprint]" in text and "[[printer]]" in text
+
+
+# --- nothing but ConfigError, whatever the file holds ----------------------------------
+
+ODD_VALUES = [
+    '[1, "a"]',
+    "[]",
+    "[[1]]",
+    "{a = 1}",
+    "{}",
+    "1979-05-27T07:32:00Z",
+    "1979-05-27T07:32:00",
+    "1979-05-27",
+    "07:32:00",
+    "nan",
+    "+inf",
+    "-inf",
+    "1e400",
+    "-1e-400",
+    "9" * 4000,
+    "-99999999999999999999999",
+    "0",
+    "-1",
+    "0.0",
+    "true",
+    "false",
+    '""',
+    '" "',
+    '"\\u0000"',
+    '"\\n"',
+    '"x"',
+    '"/dev/../x"',
+    '"http://[::1"',
+    '"http://u:p@"',
+    "'/dev/zero'",
+]
+
+POSITIONS = [
+    "top:octoprint",
+    "top:printer",
+    *(f"octoprint:{key}" for key in ("url", "api_key", "api_key_file", "timeout")),
+    *(
+        f"printer:{key}"
+        for key in (
+            "name",
+            "vendor_id",
+            "product_id",
+            "serial",
+            "port",
+            "baudrate",
+            "profile",
+            "settle",
+            "poll",
+            "octoprint",
+        )
+    ),
+    *(f"printer.octoprint:{key}" for key in ("url", "api_key", "api_key_file", "timeout")),
+]
+
+
+def place(position: str, value: str) -> str:
+    where, key = position.split(":")
+    if where == "top":
+        return f"{key} = {value}\n"
+    if where == "octoprint":
+        return f"[octoprint]\n{key} = {value}\n"
+    if where == "printer":
+        name = "" if key == "name" else 'name = "p"\n'
+        return f'[[printer]]\n{name}vendor_id = "2c99"\n{key} = {value}\n'.replace(
+            'vendor_id = "2c99"\nvendor_id', "vendor_id"
+        )
+    return f'[[printer]]\nname = "p"\nport = "/dev/ttyACM0"\n[printer.octoprint]\n{key} = {value}\n'
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_odd_values_raise_only_config_error(position: str) -> None:
+    for value in ODD_VALUES:
+        text = place(position, value)
+        try:
+            parse_config(text, SOURCE)
+        except ConfigError as error:
+            assert error.problems, text
+            assert all(line.startswith(f"{SOURCE}: ") for line in error.problems), text
+            if position.endswith(":api_key") and value.startswith('"') and len(value) > 3:
+                assert value.strip('"') not in str(error)
+
+
+def test_random_documents_raise_only_config_error() -> None:
+    rng = random.Random(20240607)
+    tokens = [
+        "[octoprint]", "[[printer]]", "[printer.octoprint]", "[printer]", "name", "url", "=",
+        '"mk3s"', '"2c99"', "vendor_id", "settle", "poll", "1", "-1", "1.5", "nan", "[", "]",
+        "{", "}", ",", ".", '"', "'", "\n", "\n", " ", "#", "true", "1979-05-27", "inf", "\\",
+        "api_key_file", '"/dev/null"', "port", '"/dev/ttyACM0"', "\x00", "é",
+    ]  # fmt: skip
+    for _ in range(2000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 30)))
+        with contextlib.suppress(ConfigError):
+            parse_config(text, SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param(
+            "a = " + "[" * 5000 + "]" * 5000, "arrays or tables are nested too deeply", id="deep"
+        ),
+        pytest.param(
+            "[octoprint]\ntimeout = " + "9" * 5000,
+            "an integer has too many digits",
+            id="huge-integer",
+        ),
+    ],
+)
+def test_pathological_documents(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SOURCE)
+    assert info.value.problems == [f"{SOURCE}: {problem}"]
+
+
+def test_large_integer_is_shown_shortened() -> None:
+    digits = "9" * 4000
+    assert problems_of(f"{PRINTER_PORT}baudrate = 1.5\nsettle = {digits}\n") == [
+        f"{SOURCE}: printer[0].baudrate: expected an integer, got 1.5",
+        f"{SOURCE}: printer[0].settle: must be at least 0 and at most 600 seconds,"
+        f" got {'9' * 20}... (4000 digits)",
+    ]
