@@ -1,0 +1,523 @@
+"""The main loop: one thread, one selector, every deadline in one place.
+
+The selector watches three file descriptors: the udev monitor, a socketpair that
+signals are written to (``signal.set_wakeup_fd``), and the request workers' wake
+socket. Deadlines (settle windows, retries, confirmation looks, the watchdog) set
+the select timeout. Nothing here sleeps, and no other thread touches state.
+
+What the loop does on each wake-up: route device events to the printer they
+belong to, hand OctoPrint answers to the core that asked, run cores whose deadline
+passed, execute the actions they return, then write the status file, the holds
+and ``STATUS=`` when something changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from reconnectd import __version__
+from reconnectd.boards import known_board
+from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig, load_config
+from reconnectd.core import (
+    Action,
+    Connect,
+    CoreSettings,
+    Disconnect,
+    Log,
+    PrinterCore,
+    ReadOctoPrint,
+    State,
+)
+from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
+from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
+from reconnectd.matching import matching_printers
+from reconnectd.octoprint_state import CommandResult, ReadResult, Unreachable
+from reconnectd.status import state_dir, status_path, summary_line
+from reconnectd.workers import RequestWorkers
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class DeviceSource(Protocol):
+    """Where device events come from: ``udev.UdevWatcher`` in production."""
+
+    def start(self) -> list[Device]: ...
+    def fileno(self) -> int: ...
+    def drain(self) -> list[DeviceEvent]: ...
+    def close(self) -> None: ...
+
+
+class OctoPrint(Protocol):
+    """What the loop needs of an OctoPrint client: ``octoprint_api.OctoPrintApi``."""
+
+    def read(self) -> ReadResult: ...
+    def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult: ...
+    def disconnect(self) -> CommandResult: ...
+    def close(self) -> None: ...
+
+
+class Notifier(Protocol):
+    """The service manager: ``systemd.Notifier`` in production."""
+
+    def ready(self, status: str) -> None: ...
+    def status(self, text: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def watchdog_ping(self) -> None: ...
+    @property
+    def watchdog_interval(self) -> float | None: ...
+
+
+ApiFactory = Callable[[OctoPrintConfig], OctoPrint]
+
+
+@dataclass
+class _Printer:
+    config: PrinterConfig
+    core: PrinterCore
+    api: OctoPrint
+    devpath: str | None = None  # the device it owns now
+
+
+def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
+    """Given a printer's config, return what its decision core needs."""
+    return CoreSettings(
+        name=config.name,
+        settle=config.settle,
+        poll=config.poll,
+        port=config.port,
+        baudrate=config.baudrate,
+        profile=config.profile,
+        dry_run=dry_run,
+    )
+
+
+class Daemon:
+    """reconnectd's long-running part. Create, then call :meth:`run` from the main thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        source: DeviceSource,
+        api_factory: ApiFactory,
+        notifier: Notifier,
+        reload_config: Callable[[], Config] | None = None,
+        environ: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        self._config = config
+        self._source = source
+        self._api_factory = api_factory
+        self._notifier = notifier
+        self._reload_config = reload_config or (lambda: load_config(None, env))
+        self._dry_run = dry_run
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._status_path = status_path(env)
+        self._state_path = state_file(env)
+        self._printers: dict[str, _Printer] = {}
+        self._present: dict[str, Device] = {}
+        self._workers = RequestWorkers()
+        self._selector = selectors.DefaultSelector()
+        self._signal_reader: socket.socket | None = None
+        self._stop_requested = False
+        self._reload_requested = False
+        self._next_watchdog: float | None = None
+        self._saved_memory: dict[str, dict[str, object]] | None = None
+        self._written_status: list[dict[str, object]] | None = None
+        self._status_failed = False
+        self._started = _iso(wall_clock())
+        self._unmatched_warned: set[str] = set()
+
+    # --- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit code (0 for a clean stop)."""
+        signal_reader, restore_signals = _route_signals_to_socket()
+        self._signal_reader = signal_reader
+        try:
+            self._selector.register(signal_reader, selectors.EVENT_READ, self._on_signals)
+            self._selector.register(self._workers.fileno(), selectors.EVENT_READ, self._on_results)
+            present = self._source.start()
+            self._selector.register(self._source.fileno(), selectors.EVENT_READ, self._on_udev)
+            self._log_start()
+            memory = self._load_memory()
+            self._apply_config(self._config, memory)
+            now = self._clock()
+            for device in present:
+                self._on_device_event(DeviceAdded(device, enumerated=True), now)
+            self._after_wake()
+            self._notifier.ready(self._summary())
+            interval = self._notifier.watchdog_interval
+            if interval is not None:
+                self._next_watchdog = self._clock()
+            while not self._stop_requested:
+                for key, _ in self._selector.select(self._select_timeout()):
+                    key.data()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload()
+                self._run_due(self._clock())
+                self._after_wake()
+            log.info("stopping on request")
+            return 0
+        finally:
+            self._notifier.stopping()
+            self._shutdown()
+            restore_signals()
+            signal_reader.close()
+
+    def _select_timeout(self) -> float | None:
+        deadlines = [p.core.deadline for p in self._printers.values()]
+        deadlines.append(self._next_watchdog)
+        pending = [d for d in deadlines if d is not None]
+        if not pending:
+            return None
+        return max(0.0, min(pending) - self._clock())
+
+    def _run_due(self, now: float) -> None:
+        if self._next_watchdog is not None and now >= self._next_watchdog:
+            # Pinged from the loop itself: a wedged loop stops the pings and systemd
+            # restarts us, which a free-running thread would hide.
+            self._notifier.watchdog_ping()
+            interval = self._notifier.watchdog_interval
+            self._next_watchdog = None if interval is None else now + interval
+        for printer in list(self._printers.values()):
+            deadline = printer.core.deadline
+            if deadline is not None and deadline <= now:
+                self._execute(printer, printer.core.tick(now))
+
+    # --- inputs -----------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        assert self._signal_reader is not None
+        for signum in _read_signals(self._signal_reader):
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s", signal.Signals(signum).name)
+                self._stop_requested = True
+            elif signum == signal.SIGHUP:
+                self._reload_requested = True
+
+    def _on_udev(self) -> None:
+        now = self._clock()
+        for event in self._source.drain():
+            self._on_device_event(event, now)
+
+    def _on_results(self) -> None:
+        now = self._clock()
+        for completed in self._workers.collect():
+            printer = self._printers.get(completed.key)
+            if printer is None or printer.core is not completed.owner:
+                continue  # the printer was removed or replaced by a reload meanwhile
+            result: Any = completed.result
+            if isinstance(result, BaseException):
+                result = Unreachable(f"internal error: {result}")
+            if isinstance(completed.request, ReadOctoPrint):
+                actions = printer.core.octoprint_read(result, now)
+            else:
+                actions = printer.core.command_done(result, now)
+            self._execute(printer, actions)
+
+    def _on_device_event(self, event: DeviceEvent, now: float) -> None:
+        if isinstance(event, DeviceRemoved):
+            self._present.pop(event.devpath, None)
+            gone = self._owner_of(event.devpath)
+            if gone is not None:
+                gone.devpath = None
+                self._execute(gone, gone.core.device_removed(now))
+            return
+        device = event.device
+        self._present[device.devpath] = device
+        printer = self._owner_of(device.devpath) or self._route(device)
+        if printer is None:
+            return
+        printer.devpath = device.devpath
+        self._execute(printer, printer.core.device_added(device, now, enumerated=event.enumerated))
+
+    def _owner_of(self, devpath: str) -> _Printer | None:
+        for printer in self._printers.values():
+            if printer.devpath == devpath:
+                return printer
+        return None
+
+    def _route(self, device: Device) -> _Printer | None:
+        configs = [p.config for p in self._printers.values()]
+        claims = matching_printers(configs, device)
+        if not claims:
+            board = known_board(device.vendor_id, device.product_id)
+            if board is not None and device.devpath not in self._unmatched_warned:
+                self._unmatched_warned.add(device.devpath)
+                log.warning(
+                    "%s looks like a printer (%s, %s) but matches no [[printer]]; "
+                    "`reconnectd devices` prints a stanza for it",
+                    device.node,
+                    device.usb_id,
+                    board.name,
+                )
+            return None
+        if len(claims) > 1:
+            log.warning(
+                "%s matches several printers: %s; it goes to %s — make the entries "
+                "more specific (serial, port)",
+                device.node,
+                ", ".join(c.name for c in claims),
+                claims[0].name,
+            )
+        printer = self._printers[claims[0].name]
+        if printer.devpath is not None and printer.devpath in self._present:
+            current = self._present[printer.devpath]
+            log.warning(
+                "%s: %s matches too, but the printer is already %s; ignoring %s",
+                printer.config.name,
+                device.node,
+                current.node,
+                device.node,
+            )
+            return None
+        return printer
+
+    # --- actions ----------------------------------------------------------------
+
+    def _execute(self, printer: _Printer, actions: Sequence[Action]) -> None:
+        api = printer.api
+        for action in actions:
+            if isinstance(action, Log):
+                log.log(action.level, "%s", action.message)
+            elif isinstance(action, ReadOctoPrint):
+                self._workers.submit(printer.config.name, printer.core, action, api.read)
+            elif isinstance(action, Connect):
+                self._workers.submit(
+                    printer.config.name,
+                    printer.core,
+                    action,
+                    _bind_connect(api, action),
+                )
+            elif isinstance(action, Disconnect):
+                self._workers.submit(printer.config.name, printer.core, action, api.disconnect)
+
+    # --- config -----------------------------------------------------------------
+
+    def _apply_config(self, config: Config, memory: Mapping[str, object]) -> None:
+        """Given a (new) config, keep unchanged printers as they are and rebuild the rest."""
+        old = self._printers
+        self._printers = {}
+        for printer_config in config.printers:
+            kept = old.pop(printer_config.name, None)
+            if kept is not None and kept.config == printer_config:
+                self._printers[printer_config.name] = kept
+                continue
+            core = PrinterCore(settings_for(printer_config, self._dry_run))
+            remembered = kept.core.memory() if kept is not None else memory.get(printer_config.name)
+            if remembered is not None:
+                for problem in core.restore(remembered):
+                    log.warning("%s", problem)
+            if kept is not None:
+                self._workers.retire(kept.config.name)
+                kept.api.close()
+            self._printers[printer_config.name] = _Printer(
+                printer_config, core, self._api_factory(printer_config.octoprint)
+            )
+        for gone in old.values():
+            log.info("%s: removed from the config", gone.config.name)
+            self._workers.retire(gone.config.name)
+            gone.api.close()
+        self._config = config
+
+    def _reload(self) -> None:
+        try:
+            config = self._reload_config()
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("reload: %s", problem)
+            log.error("reload: the new config is invalid; keeping the old one")
+            return
+        self._notifier.reloading()
+        log.info("reloading the config")
+        self._apply_config(config, {})
+        now = self._clock()
+        for printer in self._printers.values():
+            if printer.devpath is None:
+                for device in list(self._present.values()):
+                    if self._owner_of(device.devpath) is None:
+                        routed = self._route(device)
+                        if routed is printer:
+                            printer.devpath = device.devpath
+                            self._execute(
+                                printer, printer.core.device_added(device, now, enumerated=True)
+                            )
+            else:
+                self._execute(printer, printer.core.reconcile(now, "config reloaded"))
+        self._after_wake()
+        self._notifier.ready(self._summary())
+
+    # --- what survives, what is shown ---------------------------------------------
+
+    def _load_memory(self) -> dict[str, object]:
+        try:
+            document = read_json(self._state_path)
+        except JsonFileError as error:
+            if self._state_path.exists():
+                log.warning("ignoring stored holds: %s", error)
+            return {}
+        printers = document.get("printers") if isinstance(document, dict) else None
+        if not isinstance(printers, dict):
+            log.warning('ignoring stored holds: %s has no "printers" object', self._state_path)
+            return {}
+        return printers
+
+    def _after_wake(self) -> None:
+        memory = {name: p.core.memory() for name, p in self._printers.items()}
+        if memory != self._saved_memory:
+            try:
+                write_json_atomic(self._state_path, {"version": 1, "printers": memory}, mode=0o600)
+                self._saved_memory = memory
+            except OSError as error:
+                log.error("cannot store holds in %s: %s", self._state_path, error)
+                self._saved_memory = memory  # logged once per change, not per wake-up
+        printers = self._printer_status()
+        if printers != self._written_status:
+            self._written_status = printers
+            document = {
+                "version": 1,
+                "pid": os.getpid(),
+                "started": self._started,
+                "updated": _iso(self._wall_clock()),
+                "dry_run": self._dry_run,
+                "printers": printers,
+            }
+            try:
+                write_json_atomic(self._status_path, document)
+                self._status_failed = False
+            except OSError as error:
+                if not self._status_failed:
+                    log.warning("cannot write the status file %s: %s", self._status_path, error)
+                self._status_failed = True
+            self._notifier.status(self._summary())
+
+    def _printer_status(self) -> list[dict[str, object]]:
+        now, wall = self._clock(), self._wall_clock()
+        rows: list[dict[str, object]] = []
+        for name, printer in self._printers.items():
+            core = printer.core
+            state = core.state.value
+            if core.state == State.HELD and core.holds:
+                state = f"holding after {core.holds[0].kind.value}"
+            at = None if core.decided_at is None else _iso(wall - (now - core.decided_at))
+            rows.append(
+                {
+                    "name": name,
+                    "state": state,
+                    "device": core.device.node if core.device else None,
+                    "octoprint": printer.config.octoprint.url,
+                    "decision": core.decision,
+                    "reason": core.reason,
+                    "at": at,
+                    "holds": [f"{h.kind.value}: {h.reason}" for h in core.holds],
+                    "attempts": core.attempts,
+                    "connects": core.total_connects,
+                }
+            )
+        return rows
+
+    def _summary(self) -> str:
+        return summary_line(self._printer_status())
+
+    def _log_start(self) -> None:
+        config = self._config
+        if config.zero_config:
+            log.info(
+                "reconnectd %s: no config file, watching every known printer board for "
+                "OctoPrint at %s",
+                __version__,
+                config.octoprint.url,
+            )
+        else:
+            log.info(
+                "reconnectd %s: config %s, printers: %s%s",
+                __version__,
+                config.source,
+                ", ".join(p.name for p in config.printers) or "none",
+                " (dry run: no connect or disconnect is sent)" if self._dry_run else "",
+            )
+        for printer in config.printers:
+            if printer.octoprint.api_key is None:
+                log.warning(
+                    "%s: no API key for OctoPrint at %s; set api_key_file in the config",
+                    printer.name,
+                    printer.octoprint.url,
+                )
+
+    def _shutdown(self) -> None:
+        self._workers.close()
+        for printer in self._printers.values():
+            printer.api.close()
+        self._source.close()
+        self._selector.close()
+
+
+def _bind_connect(api: OctoPrint, action: Connect) -> Callable[[], CommandResult]:
+    return lambda: api.connect(action.port, action.baudrate, action.profile)
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _route_signals_to_socket() -> tuple[socket.socket, Callable[[], None]]:
+    """Make SIGTERM, SIGINT and SIGHUP readable bytes on a socket the selector watches.
+
+    The handlers do nothing: ``signal.set_wakeup_fd`` writes each signal's number to
+    the socket, and the loop reads it there, so no decision runs in a handler.
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous: dict[int, Any] = {}
+
+    def ignore(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, ignore)
+
+    def restore() -> None:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        writer.close()
+
+    return reader, restore
+
+
+def _read_signals(reader: socket.socket) -> list[int]:
+    received: list[int] = []
+    try:
+        while chunk := reader.recv(64):
+            received.extend(chunk)
+    except BlockingIOError:
+        pass
+    return received
+
+
+def state_file(environ: Mapping[str, str]) -> Path:
+    """Given the environment, return the file that holds survive a restart in."""
+    return state_dir(environ) / STATE_FILE

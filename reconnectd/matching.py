@@ -1,0 +1,57 @@
+"""Which printer a device belongs to: pure functions over plain values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reconnectd.boards import known_board
+from reconnectd.config import PrinterConfig
+from reconnectd.devices import Device
+
+
+def printer_matches(printer: PrinterConfig, device: Device) -> bool:
+    """Given a printer's config and a device, return whether the device is that printer.
+
+    A configured ``port`` matches the device it names (node or udev link); the
+    USB ids match when vendor, product (if set) and serial (if set) agree. Either
+    is enough. The zero-config printer matches any board of the built-in table.
+    """
+    if printer.port is not None and printer.port in (device.node, *device.links):
+        return True
+    if printer.known_boards:
+        return known_board(device.vendor_id, device.product_id) is not None
+    if printer.vendor_id is None or device.vendor_id != printer.vendor_id:
+        return False
+    if printer.product_id is not None and device.product_id != printer.product_id:
+        return False
+    return printer.serial is None or device.serial == printer.serial
+
+
+def matching_printers(printers: Sequence[PrinterConfig], device: Device) -> list[PrinterConfig]:
+    """Given every printer and a device, return the printers that claim the device."""
+    return [printer for printer in printers if printer_matches(printer, device)]
+
+
+def stanza_for(device: Device, name: str) -> str:
+    """Given a device, return a ``[[printer]]`` stanza a user can paste into the config."""
+    lines = ["[[printer]]", f'name = "{name}"']
+    if device.vendor_id is not None:
+        lines.append(f'vendor_id = "{device.vendor_id}"')
+        if device.product_id is not None:
+            lines.append(f'product_id = "{device.product_id}"')
+        if device.serial:
+            lines.append(f'serial = "{_toml_escape(device.serial)}"')
+    else:
+        lines.append(f'port = "{_toml_escape(device.paths[0])}"')
+    return "\n".join(lines)
+
+
+def suggested_name(device: Device) -> str:
+    """Given a device, return a printer name a person would recognise."""
+    source = device.model or device.node.rsplit("/", 1)[-1]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in source.lower())
+    return name.strip("-") or "printer"
+
+
+def _toml_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')

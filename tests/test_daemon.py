@@ -1,0 +1,431 @@
+"""The real main loop, in this process: real signals, a real sd_notify socket, real
+worker threads and real files. Only the two ends are stand-ins here: a pipe-backed
+device source (umockdev tests cover udev) and an in-memory OctoPrint that keeps
+OctoPrint's rules (end-to-end tests cover the real one).
+
+The daemon must run in the main thread (signals are delivered there), so a driver
+thread plays the scenario and ends it with SIGTERM, as systemd would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig
+from reconnectd.daemon import Daemon
+from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
+from reconnectd.octoprint_state import (
+    Accepted,
+    CommandResult,
+    OctoPrintView,
+    ReadResult,
+    Refused,
+)
+from reconnectd.systemd import Notifier
+
+BY_ID = "/dev/serial/by-id/usb-Prusa_MK3_CZPX1-if00"
+
+
+def device(n: int) -> Device:
+    return Device(
+        devpath=f"/devices/usb1/1-1/1-1:1.0/tty/ttyACM{n}",
+        node=f"/dev/ttyACM{n}",
+        links=(BY_ID,),
+        vendor_id="2c99",
+        product_id="0002",
+        serial="CZPX1",
+        instance=f"inst-{n}",
+    )
+
+
+class PipeSource:
+    """A device source whose fd really becomes readable, like pyudev's monitor."""
+
+    def __init__(self, present: list[Device]) -> None:
+        self._present = present
+        self._reader, self._writer = os.pipe()
+        os.set_blocking(self._reader, False)
+        self._queue: list[DeviceEvent] = []
+        self._lock = threading.Lock()
+        self.started = threading.Event()
+
+    def start(self) -> list[Device]:
+        self.started.set()
+        return list(self._present)
+
+    def fileno(self) -> int:
+        return self._reader
+
+    def emit(self, event: DeviceEvent) -> None:
+        with self._lock:
+            self._queue.append(event)
+        os.write(self._writer, b"x")
+
+    def drain(self) -> list[DeviceEvent]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._reader, 4096)
+        with self._lock:
+            events, self._queue = self._queue, []
+        return events
+
+    def close(self) -> None:
+        os.close(self._reader)
+        os.close(self._writer)
+
+
+@dataclass
+class FakeOctoPrint:
+    """OctoPrint's connection rules, in memory: connect is ignored while any
+    connection exists; an unlisted port is a 400; Disconnect leaves no error."""
+
+    ports: tuple[str, ...] = ("/dev/ttyACM0", BY_ID)
+    state: str = "Closed"
+    error: str | None = None
+    connects: list[str] = field(default_factory=list)
+    disconnects: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self) -> ReadResult:
+        with self.lock:
+            return OctoPrintView(
+                state=self.state, error=self.error, ports=self.ports, baudrate_preference=115200
+            )
+
+    def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
+        with self.lock:
+            if port not in self.ports:
+                return Refused(400, "port is invalid")
+            self.connects.append(port)
+            if self.state == "Closed":
+                self.state, self.error = "Operational", None
+            return Accepted()
+
+    def disconnect(self) -> CommandResult:
+        with self.lock:
+            self.disconnects += 1
+            self.state, self.error = "Closed", None
+            return Accepted()
+
+    def set(self, state: str, error: str | None = None) -> None:
+        with self.lock:
+            self.state, self.error = state, error
+
+    def close(self) -> None:
+        pass
+
+
+class NotifySocket:
+    """systemd's side of sd_notify: a real datagram socket, read by the test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[str] = []
+
+    def receive(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except (TimeoutError, socket.timeout):
+                return self.messages
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            messages = self.receive()
+            for message in messages[seen:]:
+                if predicate(message):
+                    return message
+            seen = len(messages)
+        raise AssertionError(f"no matching sd_notify message; got {self.messages}")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)  # polling a real process's effect; no clock to advance here
+
+
+def config(settle: float = 0.05) -> Config:
+    octoprint = OctoPrintConfig(url="http://127.0.0.1:9", api_key="SECRETKEY123")
+    printer = PrinterConfig(
+        name="mk3s", octoprint=octoprint, vendor_id="2c99", product_id="0002", settle=settle
+    )
+    return Config(
+        source=Path("/etc/reconnectd/reconnectd.toml"), octoprint=octoprint, printers=(printer,)
+    )
+
+
+@dataclass
+class Run:
+    source: PipeSource
+    octoprint: FakeOctoPrint
+    notify: NotifySocket
+    env: dict[str, str]
+    status_file: Path
+    state_file: Path
+    exit_code: list[int] = field(default_factory=list)
+
+    def status(self) -> dict[str, object]:
+        document = json.loads(self.status_file.read_text())
+        assert isinstance(document, dict)
+        return document
+
+    def printer_status(self) -> dict[str, object]:
+        """The first printer's row; empty until the daemon has written the file."""
+        if not self.status_file.exists():
+            return {}
+        printers = self.status()["printers"]
+        assert isinstance(printers, list)
+        first = printers[0]
+        assert isinstance(first, dict)
+        return first
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[dict[str, str]]:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "state").mkdir()
+    yield {
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        "RUNTIME_DIRECTORY": str(tmp_path / "run"),
+        "STATE_DIRECTORY": str(tmp_path / "state"),
+    }
+
+
+def run_daemon(
+    tmp_path: Path,
+    env: dict[str, str],
+    scenario: Callable[[Run], None],
+    *,
+    present: list[Device] | None = None,
+    octoprint: FakeOctoPrint | None = None,
+    reload_config: Callable[[], Config] | None = None,
+    first_config: Config | None = None,
+) -> Run:
+    """Run the daemon in this (main) thread while `scenario` plays in another."""
+    notify = NotifySocket(Path(env["NOTIFY_SOCKET"]))
+    run = Run(
+        source=PipeSource(present or []),
+        octoprint=octoprint or FakeOctoPrint(),
+        notify=notify,
+        env=env,
+        status_file=Path(env["RUNTIME_DIRECTORY"]) / "status.json",
+        state_file=Path(env["STATE_DIRECTORY"]) / "state.json",
+    )
+    failure: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            assert run.source.started.wait(10)
+            scenario(run)
+        except BaseException as error:  # reported in the main thread below
+            failure.append(error)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    daemon = Daemon(
+        first_config or config(),
+        source=run.source,
+        api_factory=lambda _: run.octoprint,
+        notifier=Notifier(env),
+        reload_config=reload_config,
+        environ=env,
+    )
+    driver = threading.Thread(target=drive, name="scenario")
+    driver.start()
+    run.exit_code.append(daemon.run())
+    driver.join(10)
+    notify.receive()
+    notify.sock.close()
+    notify.path.unlink()
+    if failure:
+        raise failure[0]
+    return run
+
+
+def test_ready_after_start_then_power_cycle_connects_once_and_stops_cleanly(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    def scenario(run: Run) -> None:
+        ready = run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        assert "STATUS=mk3s: absent" in ready
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+        run.notify.wait_for(lambda m: m == "STATUS=mk3s: operational")
+        wait_until(lambda: run.printer_status().get("state") == "operational", "status file")
+
+    run = run_daemon(tmp_path, runtime, scenario)
+    assert run.exit_code == [0]
+    assert run.octoprint.connects == [BY_ID]
+    assert run.notify.messages[-1] == "STOPPING=1"
+    status = run.printer_status()
+    assert status["device"] == "/dev/ttyACM0"
+    assert status["decision"] == "connected"
+    assert run.status()["pid"] == os.getpid()
+
+
+def test_burst_of_events_gives_one_connect(tmp_path: Path, runtime: dict[str, str]) -> None:
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        for n in range(10):
+            run.source.emit(DeviceAdded(device(n)))
+            run.source.emit(DeviceRemoved(device(n).devpath))
+        run.source.emit(DeviceAdded(device(10)))
+        wait_until(lambda: run.octoprint.connects != [], "a connect")
+        # a quiet period several times the settle window: no second connect
+        time.sleep(0.3)
+
+    run = run_daemon(tmp_path, runtime, scenario, first_config=config(settle=0.1))
+    assert run.octoprint.connects == [BY_ID]
+
+
+def test_start_with_device_present_connects_and_sigterm_exits_zero(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    def scenario(run: Run) -> None:
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the start-up connect")
+
+    run = run_daemon(tmp_path, runtime, scenario, present=[device(0)])
+    assert run.exit_code == [0]
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    calls: list[str] = []
+
+    def broken() -> Config:
+        calls.append("reload")
+        raise ConfigError(["/etc/reconnectd/reconnectd.toml: printer[0].vendor_id: bad"])
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: calls == ["reload"], "the reload attempt")
+        # The old config still works: a power cycle is still served.
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+
+    run = run_daemon(tmp_path, runtime, scenario, reload_config=broken)
+    assert not any(m.startswith("RELOADING=1") for m in run.notify.messages)
+    assert run.exit_code == [0]
+
+
+def test_sighup_with_a_good_config_reloads_and_keeps_holds(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint()
+    renamed = config()
+    changed = Config(
+        source=renamed.source,
+        octoprint=renamed.octoprint,
+        printers=(
+            PrinterConfig(
+                name="mk3s",
+                octoprint=renamed.octoprint,
+                vendor_id="2c99",
+                settle=0.05,
+                baudrate=250000,
+            ),
+        ),
+    )
+
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        octoprint.disconnect()  # the user clicks Disconnect
+        os.kill(os.getpid(), signal.SIGHUP)
+        run.notify.wait_for(lambda m: m.startswith("RELOADING=1"))
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        run.notify.wait_for(lambda m: m.startswith("STATUS=mk3s: holding after manual disconnect"))
+        wait_until(
+            lambda: run.printer_status().get("state") == "holding after manual disconnect",
+            "the hold in the status file",
+        )
+
+    run = run_daemon(
+        tmp_path, runtime, scenario, octoprint=octoprint, reload_config=lambda: changed
+    )
+    assert octoprint.connects == [BY_ID], "the user's Disconnect must be respected"
+    state = json.loads(run.state_file.read_text())
+    assert state["printers"]["mk3s"]["holds"][0]["kind"] == "manual"
+
+
+def test_holds_survive_a_restart(tmp_path: Path, runtime: dict[str, str]) -> None:
+    octoprint = FakeOctoPrint()
+
+    def first(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        octoprint.set("Closed", "Printer halted. kill() called!")
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: "holding" in str(run.printer_status().get("state")), "the hold")
+
+    run_daemon(tmp_path, runtime, first, octoprint=octoprint, reload_config=config)
+
+    def second(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        wait_until(lambda: "holding" in str(run.printer_status().get("state")), "the hold")
+
+    run = run_daemon(tmp_path, runtime, second, octoprint=octoprint, present=[device(0)])
+    assert octoprint.connects == [BY_ID], "no reconnect after a firmware error, even after restart"
+    assert "firmware error" in str(run.printer_status()["holds"])
+
+
+def test_watchdog_is_pinged_from_the_loop(tmp_path: Path, runtime: dict[str, str]) -> None:
+    runtime["WATCHDOG_USEC"] = "200000"  # a ping every 0.1 s
+    runtime["WATCHDOG_PID"] = str(os.getpid())
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        for _ in range(3):
+            run.notify.wait_for(lambda m: m == "WATCHDOG=1", timeout=2.0)
+            run.notify.messages.clear()
+
+    run_daemon(tmp_path, runtime, scenario)
+
+
+def test_api_key_never_reaches_status_or_state_files(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+
+    run = run_daemon(tmp_path, runtime, scenario)
+    for path in (run.status_file, run.state_file):
+        assert "SECRETKEY123" not in path.read_text()
+    assert not any("SECRETKEY123" in m for m in run.notify.messages)
+
+
+def test_unwritable_status_directory_is_logged_once_and_the_daemon_goes_on(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    runtime["RUNTIME_DIRECTORY"] = str(blocker / "run")  # a file in the way
+
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+
+    run_daemon(tmp_path, runtime, scenario)
+    warnings = [r for r in caplog.records if "cannot write the status file" in r.getMessage()]
+    assert len(warnings) == 1
