@@ -1,0 +1,300 @@
+"""reconnectd's one HTTP client for OctoPrint's REST API (the 1.x connection API).
+
+Every call returns a value (:mod:`reconnectd.octoprint_state`), never raises for
+anything the network or OctoPrint can do: the main loop decides when to retry.
+Every request has a timeout, so the worst a call can block is known in advance:
+``read()`` makes two requests, each bounded by ``timeout`` to connect and ``timeout``
+between bytes of the answer.
+
+The API key goes into the session's headers and nowhere else: no reason string,
+repr or log line contains it.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.cookiejar
+import logging
+import re
+from typing import Any, Union
+
+import requests
+
+from reconnectd.octoprint_state import (
+    Accepted,
+    CommandResult,
+    OctoPrintView,
+    ReadResult,
+    Refused,
+    Unreachable,
+)
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "reconnectd"
+
+# The longest piece of OctoPrint's own message kept in a Refused reason: enough for
+# "port is invalid" or flask's stock texts, not a whole HTML page.
+_MESSAGE_LIMIT = 200
+
+# Statuses that mean "OctoPrint understood and said no": retrying the same request
+# will not help until something changes (the key, the port list, the printer state).
+_REFUSALS = frozenset({400, 409, 415})
+
+_Answer = Union[requests.Response, Unreachable]
+
+
+class _WrongShape(Exception):
+    """An answer that is JSON but not what OctoPrint 1.x sends."""
+
+
+class OctoPrintApi:
+    """A client for one OctoPrint: read its connection state, connect, disconnect."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        timeout: float,
+        *,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._url = url.rstrip("/")
+        self._timeout = timeout
+        self._session = session if session is not None else requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+        # Stateless on purpose: no session cookie may keep a revoked key's login alive,
+        # and every request stands on the key alone.
+        self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        if api_key:
+            self._session.headers["X-Api-Key"] = api_key
+        # Kept only to scrub it from texts that come from elsewhere (exception
+        # messages, OctoPrint's answers), should any ever echo it.
+        self._secret = api_key or None
+
+    def __repr__(self) -> str:
+        return f"OctoPrintApi({self._url!r}, timeout={self._timeout:g})"
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def read(self) -> ReadResult:
+        """Given nothing, return OctoPrint's connection state as an :class:`OctoPrintView`.
+
+        Reads ``/api/connection`` and then ``/api/job`` (the only place that tells a
+        manual Disconnect from a closed-after-error). Return :class:`Unreachable` or
+        :class:`Refused` if either request fails.
+        """
+        connection = self._request("GET", "/api/connection")
+        if not isinstance(connection, requests.Response):
+            return connection
+        refused = self._refusal(connection)
+        if refused is not None:
+            return refused
+        job = self._request("GET", "/api/job")
+        if not isinstance(job, requests.Response):
+            return job
+        refused = self._refusal(job)
+        if refused is not None:
+            return refused
+        connection_body = self._json(connection)
+        if isinstance(connection_body, Unreachable):
+            return connection_body
+        job_body = self._json(job)
+        if isinstance(job_body, Unreachable):
+            return job_body
+        try:
+            return _view(connection_body, job_body)
+        except _WrongShape as exc:
+            return Unreachable(f"answer has an unexpected shape: {exc}")
+
+    def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
+        """Given a port (and optionally a baudrate and profile), ask OctoPrint to connect.
+
+        Return :class:`Accepted` when OctoPrint took the command (it connects in the
+        background; a connect while any connection exists is silently ignored).
+        ``baudrate`` None leaves the choice to OctoPrint's ``serial.baudrate`` setting
+        (auto-detection when unset). Never sends ``save`` or ``autoconnect``: both
+        change OctoPrint's settings.
+        """
+        body: dict[str, Any] = {"command": "connect", "port": port}
+        if baudrate is not None:
+            body["baudrate"] = baudrate
+        if profile is not None:
+            body["printerProfile"] = profile
+        return self._command(body)
+
+    def disconnect(self) -> CommandResult:
+        """Ask OctoPrint to drop its connection; return whether it took the command."""
+        return self._command({"command": "disconnect"})
+
+    def close(self) -> None:
+        """Close the HTTP session and its pooled connections."""
+        self._session.close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _command(self, body: dict[str, Any]) -> CommandResult:
+        answer = self._request("POST", "/api/connection", body)
+        if not isinstance(answer, requests.Response):
+            return answer
+        refused = self._refusal(answer)
+        if refused is not None:
+            return refused
+        # 204 is what OctoPrint sends; any other 2xx still means it took the command.
+        return Accepted()
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
+        """Given a request, return the answer if it is not a failure, else :class:`Unreachable`."""
+        try:
+            answer = self._session.request(
+                method,
+                self._url + path,
+                json=body,
+                timeout=(self._timeout, self._timeout),
+                allow_redirects=False,
+            )
+        except requests.Timeout:
+            return self._unreachable(method, path, f"no answer within {self._timeout:g} s")
+        except requests.ConnectionError as exc:
+            return self._unreachable(method, path, _connection_failure(exc))
+        except requests.RequestException as exc:
+            return self._unreachable(method, path, f"request failed: {type(exc).__name__}")
+        log.debug("%s %s: HTTP %d", method, path, answer.status_code)
+        if answer.status_code >= 500:
+            return self._unreachable(method, path, f"HTTP {answer.status_code}")
+        if answer.status_code == 403 or answer.status_code in _REFUSALS:
+            return answer
+        if not 200 <= answer.status_code < 300:
+            # 401, 404, a redirect to a login page: something that is not OctoPrint's
+            # API answers at this URL (a proxy, a wrong path), or OctoPrint is starting.
+            return self._unreachable(method, path, f"HTTP {answer.status_code}")
+        return answer
+
+    def _refusal(self, answer: requests.Response) -> Refused | None:
+        status = answer.status_code
+        if status == 403:
+            return Refused(403, "API key rejected or lacking permission")
+        if status in _REFUSALS:
+            message = self._scrub(_message_of(answer)) or f"HTTP {status}"
+            if status == 400 and "CSRF" in message:
+                # OctoPrint treats a POST whose key it does not accept as a browser's
+                # and wants a CSRF token; this client never sends one, so the real
+                # cause is the key.
+                return Refused(403, "API key rejected or lacking permission")
+            return Refused(status, message)
+        return None
+
+    def _json(self, answer: requests.Response) -> dict[str, Any] | Unreachable:
+        path = answer.request.path_url if answer.request is not None else "?"
+        method = answer.request.method if answer.request is not None else "?"
+        try:
+            body = answer.json()
+        except ValueError:
+            kind = answer.headers.get("Content-Type", "no content type").split(";")[0].strip()
+            return self._unreachable(str(method), path, f"answer is not JSON ({kind})")
+        if not isinstance(body, dict):
+            return self._unreachable(
+                str(method), path, f"answer is JSON but not an object ({type(body).__name__})"
+            )
+        return body
+
+    def _unreachable(self, method: str, path: str, what: str) -> Unreachable:
+        reason = self._scrub(f"{what} ({method} {self._url}{path})")
+        log.debug("%s %s: unreachable: %s", method, path, reason)
+        return Unreachable(reason)
+
+    def _scrub(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text
+
+
+def _connection_failure(exc: requests.ConnectionError) -> str:
+    """Given a failed connection, return what happened in words (refused, no route, name)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            if current.errno == errno.ECONNREFUSED:
+                return "connection refused"
+            return f"cannot connect: {current.strerror or errno.errorcode.get(current.errno)}"
+        pending.extend([current.__cause__, current.__context__])
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+    text = str(exc)
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "cannot connect: host name not known"
+    if "Connection refused" in text:
+        return "connection refused"
+    return "cannot connect"
+
+
+def _message_of(answer: requests.Response) -> str:
+    """Given a refusal, return OctoPrint's message, trimmed to one short line."""
+    text = ""
+    try:
+        body = answer.json()
+    except ValueError:
+        text = re.sub(r"<[^>]*>", " ", answer.text)
+    else:
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            text = body["error"]
+        elif isinstance(body, str):
+            text = body
+    text = " ".join(text.split())
+    if len(text) > _MESSAGE_LIMIT:
+        text = text[: _MESSAGE_LIMIT - 1].rstrip() + "…"
+    return text
+
+
+def _view(connection: dict[str, Any], job: dict[str, Any]) -> OctoPrintView:
+    """Given the bodies of ``/api/connection`` and ``/api/job``, return the view.
+
+    Raise :class:`_WrongShape` naming the first field that is missing or mistyped.
+    """
+    current = _field(connection, "current", dict, "/api/connection")
+    options = _field(connection, "options", dict, "/api/connection")
+    where = "/api/connection current"
+    state = _field(current, "state", str, where)
+    port = _optional(current, "port", str, where)
+    where = "/api/connection options"
+    ports = _field(options, "ports", list, where)
+    baudrates = _field(options, "baudrates", list, where)
+    if not all(isinstance(p, str) for p in ports):
+        raise _WrongShape(f"{where}: ports is not a list of text")
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in baudrates):
+        raise _WrongShape(f"{where}: baudrates is not a list of numbers")
+    error = _optional(job, "error", str, "/api/job")
+    return OctoPrintView(
+        state=state,
+        port=port,
+        error=error or None,
+        ports=tuple(ports),
+        baudrates=tuple(baudrates),
+        port_preference=_optional(options, "portPreference", str, where),
+        baudrate_preference=_optional(options, "baudratePreference", int, where),
+        profile_preference=_optional(options, "printerProfilePreference", str, where),
+    )
+
+
+def _field(body: dict[str, Any], key: str, kind: type[Any], where: str) -> Any:
+    if key not in body:
+        raise _WrongShape(f"{where}: {key} is missing")
+    value = body[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _WrongShape(f"{where}: {key} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _optional(body: dict[str, Any], key: str, kind: type[Any], where: str) -> Any:
+    if body.get(key) is None:
+        return None
+    return _field(body, key, kind, where)
