@@ -1,0 +1,159 @@
+"""The command line: exit codes, messages, and commands that need no hardware.
+
+`devices` (needs udev) and `check --online` (needs OctoPrint) are tested for real in
+the umockdev and end-to-end suites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconnectd import __version__
+from reconnectd.cli import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_for(tmp_path: Path, config: str | None = None) -> dict[str, str]:
+    env = {"RUNTIME_DIRECTORY": str(tmp_path / "run"), "STATE_DIRECTORY": str(tmp_path / "st")}
+    if config is not None:
+        path = tmp_path / "reconnectd.toml"
+        path.write_text(config)
+        env["RECONNECTD_CONFIG"] = str(path)
+    return env
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"], {})
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reconnectd {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["run", "--bogus"], ["status", "extra"], ["--config"], ["check", "-x"]],
+)
+def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv, {})
+    assert stopped.value.code == EXIT_USAGE
+    assert "reconnectd" in capsys.readouterr().err
+
+
+def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env = env_for(tmp_path, '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n')
+    assert main(["check"], env) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out == f"config OK: {tmp_path / 'reconnectd.toml'}; printers: mk3s\n"
+
+
+def test_check_reports_every_problem_one_line_each_and_exits_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = env_for(
+        tmp_path,
+        '[octoprint]\nurl = "ftp://x"\n[[printer]]\nname = "a"\nvendor_id = "2c9"\n'
+        'settle = -1\n[[printer]]\nname = "a"\nvendorid = "2c99"\n',
+    )
+    assert main(["check"], env) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == ""
+    path = str(tmp_path / "reconnectd.toml")
+    assert all(line.startswith(f"{path}: ") for line in lines), lines
+    joined = "\n".join(lines)
+    for key in (
+        "octoprint.url",
+        "printer[0].vendor_id",
+        "printer[0].settle",
+        "printer[1].name",
+        "printer[1].vendorid",
+    ):
+        assert f": {key}: " in joined, (key, joined)
+    assert "Traceback" not in captured.err
+
+
+def test_missing_named_config_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.toml"
+    assert main(["--config", str(missing), "check"], {}) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such file" in err
+
+
+def test_run_with_a_bad_config_exits_78_without_traceback(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env_for(tmp_path, "this is not toml"))
+    done = subprocess.run(
+        [sys.executable, "-m", "reconnectd", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == EXIT_CONFIG
+    assert "Traceback" not in done.stderr
+    assert str(tmp_path / "reconnectd.toml") in done.stderr
+
+
+def test_status_without_a_daemon_says_so_and_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status"], env_for(tmp_path)) == EXIT_NOT_RUNNING
+    err = capsys.readouterr().err
+    assert err.startswith("reconnectd status: ")
+    assert "not running" in err
+
+
+def test_status_prints_the_table_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = env_for(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    document = {
+        "version": 1,
+        "pid": os.getpid(),
+        "started": "2026-11-23T12:00:00Z",
+        "updated": "2026-11-23T12:05:00Z",
+        "dry_run": False,
+        "printers": [
+            {
+                "name": "mk3s",
+                "state": "operational",
+                "device": "/dev/ttyACM0",
+                "octoprint": "http://127.0.0.1:5000",
+                "decision": "connected",
+                "reason": "OctoPrint is Operational",
+                "at": "2026-11-23T12:04:58Z",
+                "holds": [],
+                "attempts": 0,
+                "connects": 1,
+            },
+        ],
+    }
+    (run_dir / "status.json").write_text(json.dumps(document))
+    assert main(["status"], env) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "mk3s" in table and "operational" in table and "/dev/ttyACM0" in table
+    assert main(["status", "--json"], env) == EXIT_OK
+    assert json.loads(capsys.readouterr().out) == document
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "reconnectd", "--version"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"reconnectd {__version__}"
