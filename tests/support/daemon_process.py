@@ -1,0 +1,216 @@
+"""The real ``reconnectd`` process, started the way systemd starts it.
+
+It gets a config file, ``NOTIFY_SOCKET`` bound here to a real datagram socket,
+``RUNTIME_DIRECTORY`` and ``STATE_DIRECTORY`` in a temp dir, and whatever extra
+environment the test gives (a umockdev testbed's). Its stderr goes to a file the
+test can read and assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class DaemonProcess:
+    """One run of ``python -m reconnectd run``; a context manager that stops it."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config_text: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        watchdog_usec: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "reconnectd.toml"
+        self.config_path.write_text(config_text)
+        self.runtime_dir = workdir / "run"
+        self.state_dir = workdir / "state"
+        self.runtime_dir.mkdir(exist_ok=True)
+        self.state_dir.mkdir(exist_ok=True)
+        self.log_path = workdir / "reconnectd.log"
+        self.notify_path = workdir / "notify.sock"
+        self._extra_env = dict(env or {})
+        self._args = args
+        self._watchdog_usec = watchdog_usec
+        self.notifications: list[str] = []
+        self._notify: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    # --- life cycle ---------------------------------------------------------
+
+    def start(self, *, wait_ready: bool = True) -> DaemonProcess:
+        """Start the process; with ``wait_ready``, return once it sent READY=1."""
+        if self.notify_path.exists():
+            self.notify_path.unlink()
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(self.notify_path))
+        self._notify.settimeout(0.05)
+        self.notifications = []
+        env = dict(os.environ)
+        env.update(self._extra_env)
+        env.update(
+            {
+                "RECONNECTD_CONFIG": str(self.config_path),
+                "NOTIFY_SOCKET": str(self.notify_path),
+                "RUNTIME_DIRECTORY": str(self.runtime_dir),
+                "STATE_DIRECTORY": str(self.state_dir),
+                "PYTHONPATH": str(REPO),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.pop("JOURNAL_STREAM", None)
+        if self._watchdog_usec is not None:
+            env["WATCHDOG_USEC"] = str(self._watchdog_usec)
+        self._log_file = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "reconnectd", "-v", "run", *self._args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=self._log_file,
+            cwd=self.workdir,
+        )
+        if wait_ready:
+            self.wait_for_notification(lambda m: m.startswith("READY=1"), timeout=20)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Send SIGTERM, as systemd does, and return the exit code."""
+        if self._process is None:
+            raise RuntimeError("not started")
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+        try:
+            code = self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+            raise AssertionError(f"reconnectd did not stop on SIGTERM\n{self.log()}") from None
+        self._close_files()
+        return code
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self._process is not None
+        code = self._process.wait(timeout)
+        self._close_files()
+        return code
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _close_files(self) -> None:
+        self.receive_notifications()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running():
+            self.stop()
+        else:
+            self._close_files()
+
+    # --- what it says -------------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def receive_notifications(self) -> list[str]:
+        while self._notify is not None:
+            try:
+                self.notifications.append(self._notify.recv(65536).decode())
+            except (TimeoutError, socket.timeout):
+                break
+        return self.notifications
+
+    def wait_for_notification(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            messages = self.receive_notifications()
+            for message in messages[seen:]:
+                if predicate(message):
+                    return message
+            seen = len(messages)
+            if not self.running():
+                break
+        raise AssertionError(
+            f"no matching sd_notify message within {timeout} s; got {self.notifications}\n"
+            f"--- reconnectd log ---\n{self.log()}"
+        )
+
+    def status(self) -> dict[str, object]:
+        """The status file, or {} before the daemon wrote it."""
+        path = self.runtime_dir / "status.json"
+        try:
+            document = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        assert isinstance(document, dict)
+        return document
+
+    def printer(self, name: str) -> dict[str, object]:
+        """One printer's row of the status file, or {} before it is there."""
+        printers = self.status().get("printers", [])
+        assert isinstance(printers, list)
+        for row in printers:
+            if isinstance(row, dict) and row.get("name") == name:
+                return row
+        return {}
+
+    def wait_for_printer(
+        self,
+        name: str,
+        predicate: Callable[[dict[str, object]], bool],
+        what: str,
+        timeout: float = 30.0,
+    ) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.printer(name)
+            if row and predicate(row):
+                return row
+            if not self.running():
+                break
+            time.sleep(0.05)  # polling another process's file: no clock to advance
+        raise AssertionError(
+            f"{name}: {what} not reached within {timeout} s; last status {self.printer(name)}\n"
+            f"--- reconnectd log ---\n{self.log()}"
+        )
+
+    def held_state(self) -> dict[str, object]:
+        path = self.state_dir / "state.json"
+        document = json.loads(path.read_text())
+        assert isinstance(document, dict)
+        return document

@@ -1,0 +1,417 @@
+"""End to end: the real reconnectd process, a real OctoPrint 1.11.8, real libudev.
+
+A umockdev testbed simulates the USB printer; OctoPrint runs under the same testbed,
+so it lists the printer's node and by-id link and opens them; a fake Marlin answers
+on the pty behind the node. reconnectd hears the testbed's uevents through real
+libudev and pyudev, and talks to OctoPrint over real HTTP. One test per behaviour
+of the contract, each asserting what OctoPrint really did.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.daemon_process import DaemonProcess
+from tests.support.fake_marlin import FakeMarlin
+from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
+from tests.support.testbed import Plugged, Testbed, unavailable_reason
+
+pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
+
+SETTLE = 0.5
+_serials = itertools.count(1)
+
+
+def _require_real() -> None:
+    """Skip when umockdev or OctoPrint is missing, unless the run demands them (CI)."""
+    problems = []
+    reason = unavailable_reason()
+    if reason:
+        problems.append(reason)
+    if not Path(octoprint_bin()).exists():
+        problems.append(f"no OctoPrint at {octoprint_bin()} (tests/bootstrap installs it)")
+    if problems:
+        if os.environ.get("RECONNECTD_REQUIRE_REAL") == "1":
+            pytest.fail("; ".join(problems))
+        pytest.skip("; ".join(problems))
+
+
+@dataclass
+class Bench:
+    """The session's testbed and OctoPrint, plus helpers to play a printer."""
+
+    testbed: Testbed
+    octoprint: OctoPrintInstance
+    workdir: Path
+    stuck_node: Path
+    plugged: list[Plugged] = field(default_factory=list)
+    marlins: list[FakeMarlin] = field(default_factory=list)
+    # devpath -> the FakeMarlin that owns (and closes) that device's pty master
+    owners: dict[str, FakeMarlin] = field(default_factory=dict)
+
+    def plug(self, serial: str, *, silent: bool = False) -> tuple[Plugged, FakeMarlin]:
+        """Switch the printer on: its USB device appears and its firmware answers."""
+        plugged = self.testbed.plug("prusa_mk3", serial=serial)
+        marlin = FakeMarlin(plugged.master_fd)
+        if silent:
+            marlin.go_silent()
+        self.plugged.append(plugged)
+        self.marlins.append(marlin)
+        self.owners[plugged.devpath] = marlin
+        return plugged, marlin
+
+    def unplug(self, plugged: Plugged, marlin: FakeMarlin) -> None:
+        """Switch the printer off: the firmware goes, the USB device vanishes."""
+        marlin.vanish()
+        marlin.stop()
+        self.testbed.unplug(plugged, close_master=False)
+        self.plugged.remove(plugged)
+        del self.owners[plugged.devpath]
+
+    def clear(self) -> None:
+        """Unplug whatever a test left plugged; each master is closed by its one owner."""
+        for plugged in self.plugged:
+            marlin = self.owners.pop(plugged.devpath, None)
+            if marlin is None:
+                self.testbed.unplug(plugged)
+            else:
+                marlin.stop()
+                self.testbed.unplug(plugged, close_master=False)
+        self.plugged.clear()
+        for marlin in self.marlins:
+            marlin.stop()
+        self.marlins.clear()
+
+    def power_cycle(self, plugged: Plugged, marlin: FakeMarlin) -> tuple[Plugged, FakeMarlin]:
+        assert plugged.serial is not None
+        self.unplug(plugged, marlin)
+        return self.plug(plugged.serial)
+
+    def config(self, serial: str, *, settle: float = SETTLE, key: str | None = None) -> str:
+        return (
+            "[octoprint]\n"
+            f'url = "{self.octoprint.url}"\n'
+            f'api_key = "{key or self.octoprint.api_key}"\n'
+            "timeout = 5\n\n"
+            "[[printer]]\n"
+            'name = "mk3s"\n'
+            'vendor_id = "2c99"\n'
+            'product_id = "0002"\n'
+            f'serial = "{serial}"\n'
+            f"settle = {settle}\n"
+        )
+
+    def daemon(self, name: str, serial: str, **kw: object) -> DaemonProcess:
+        config = self.config(serial, **kw)  # type: ignore[arg-type]
+        return DaemonProcess(self.workdir / name, config, env=self.testbed.env)
+
+    def state(self) -> str:
+        return str(self.octoprint.connection()["current"]["state"])
+
+    def port(self) -> str | None:
+        port = self.octoprint.connection()["current"]["port"]
+        return None if port is None else str(port)
+
+    def api(self, method: str, path: str, **kw: object) -> requests.Response:
+        response = requests.request(
+            method,
+            f"{self.octoprint.url}{path}",
+            headers={"X-Api-Key": self.octoprint.api_key},
+            timeout=10,
+            **kw,  # type: ignore[arg-type]
+        )
+        response.raise_for_status()
+        return response
+
+
+@pytest.fixture(scope="module")
+def session_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
+    _require_real()
+    workdir = tmp_path_factory.mktemp("e2e")
+    stuck_dir = workdir / "static"
+    stuck_dir.mkdir()
+    stuck_node = stuck_dir / "ttySTUCK0"
+    # A character node with no driver behind it: opening it fails with ENXIO, as an
+    # LXC container's static node does when the printer is not attached.
+    os.mknod(stuck_node, 0o666 | 0o020000, os.makedev(166, 99))
+    with Testbed(workdir / "testbed") as testbed:
+        instance = OctoPrintInstance(
+            workdir / "octoprint",
+            env=testbed.env,
+            additional_ports=["/dev/serial/by-id/*", f"{stuck_dir}/ttySTUCK*"],
+        )
+        with instance:
+            yield Bench(testbed, instance, workdir, stuck_node)
+
+
+@pytest.fixture
+def bench(session_bench: Bench) -> Iterator[Bench]:
+    yield session_bench
+    # Leave OctoPrint closed and the bench empty for the next test.
+    if not session_bench.octoprint.running:
+        session_bench.octoprint.start()
+    session_bench.octoprint.reset()
+    session_bench.clear()
+
+
+def new_serial() -> str:
+    return f"CZPX{os.getpid()}X{next(_serials):03d}"
+
+
+def wait_operational(bench: Bench, timeout: float = 30.0) -> None:
+    bench.octoprint.wait_for_state("Operational", timeout)
+
+
+def stays(bench: Bench, state: str, seconds: float) -> None:
+    """Assert OctoPrint stays in `state` for `seconds` (a real process: real time)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert bench.state() == state, f"OctoPrint left {state}: {bench.state()}"
+        time.sleep(0.2)
+
+
+# --- behaviour 1: a device that came back is connected once, after settling -------
+
+
+def test_power_cycle_is_reconnected_once_to_the_by_id_link(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("power-cycle", serial) as daemon:
+        plugged, marlin = bench.plug(serial)
+        wait_operational(bench)
+        assert bench.port() == plugged.by_id
+        plugged2, marlin2 = bench.power_cycle(plugged, marlin)
+        assert plugged2.node != plugged.node, "the kernel gives a replugged device a new node"
+        started = time.monotonic()
+        bench.octoprint.wait_for_state("Operational", 30)
+        elapsed = time.monotonic() - started
+        assert bench.port() == plugged2.by_id == plugged.by_id
+        assert elapsed >= SETTLE, "connected before the settle window ended"
+        row = daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        assert row["connects"] == 2
+        assert row["device"] == plugged2.node
+        assert marlin2.opens >= 1
+        daemon.wait_for_notification(lambda m: m == "STATUS=mk3s: operational")
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert "device came back: connecting to /dev/serial/by-id/" in log
+    assert bench.octoprint.api_key not in log
+
+
+# --- behaviour 2: a burst of add/remove events leads to at most one connect -------
+
+
+def test_burst_of_events_leads_to_one_connect(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("burst", serial, settle=1.5) as daemon:
+        plugged, marlin = bench.plug(serial)
+        wait_operational(bench)
+        for _ in range(4):  # a flaky cable: the device bounces
+            plugged, marlin = bench.power_cycle(plugged, marlin)
+        wait_operational(bench)
+        row = daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        time.sleep(2 * 1.5)  # longer than the settle window: nothing more may follow
+        row = daemon.printer("mk3s")
+        assert row["connects"] == 2, "one connect for the first plug, one for the whole burst"
+        assert [m.opens for m in bench.marlins[1:-1]] == [0, 0, 0], "bounced devices untouched"
+
+
+# --- behaviour 3: nothing is sent while OctoPrint is connected, printing or paused --
+
+
+def test_printing_printer_is_never_touched(bench: Bench) -> None:
+    serial = new_serial()
+    plugged, marlin = bench.plug(serial)
+    bench.octoprint.connect(plugged.by_id or plugged.node)
+    wait_operational(bench)
+    gcode = "".join(f"G1 X{i % 100} Y{i % 50}\n" for i in range(20000))
+    bench.api(
+        "POST",
+        "/api/files/local",
+        files={"file": ("long.gcode", gcode)},
+        data={"select": "true", "print": "true"},
+    )
+    bench.octoprint.wait_for_state("Printing", 20)
+    bench.api("POST", "/api/job", json={"command": "pause", "action": "pause"})
+    bench.octoprint.wait_for_state("Paused", 20)
+    opens = marlin.opens
+    with bench.daemon("printing", serial) as daemon:
+        # A spurious event for the node (a udev "change", a re-trigger).
+        bench.testbed.send_uevent(plugged, "change")
+        row = daemon.wait_for_printer("mk3s", lambda r: r["decision"] == "leave", "a decision")
+        assert row["reason"] == "OctoPrint is Paused"
+        assert row["connects"] == 0
+        stays(bench, "Paused", 2.0)
+    assert marlin.opens == opens
+    bench.api("POST", "/api/job", json={"command": "cancel"})
+
+
+# --- behaviour 4: a manual Disconnect is respected --------------------------------
+
+
+def test_manual_disconnect_is_respected_across_reload_and_restart(bench: Bench) -> None:
+    serial = new_serial()
+    daemon = bench.daemon("manual", serial)
+    with daemon:
+        plugged, marlin = bench.plug(serial)
+        wait_operational(bench)
+        daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        bench.octoprint.disconnect()  # the user clicks Disconnect
+        bench.octoprint.wait_for_state("Closed", 10)
+        daemon.signal(signal.SIGHUP)  # reconnectd looks again
+        daemon.wait_for_printer(
+            "mk3s", lambda r: r["state"] == "holding after manual disconnect", "the hold"
+        )
+        stays(bench, "Closed", 2.0)
+    with bench.daemon("manual", serial) as again:  # a restart does not forget it
+        again.wait_for_printer(
+            "mk3s", lambda r: r["state"] == "holding after manual disconnect", "the hold"
+        )
+        stays(bench, "Closed", 2.0)
+        bench.power_cycle(plugged, marlin)  # switched off and on: connect again
+        wait_operational(bench)
+        row = again.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        assert row["holds"] == []
+
+
+# --- behaviour 5: no reconnect after a firmware fatal error ------------------------
+
+
+def test_firmware_fatal_error_is_respected_until_power_cycle(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("fatal", serial) as daemon:
+        plugged, marlin = bench.plug(serial)
+        wait_operational(bench)
+        daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        marlin.fatal_error()
+        bench.octoprint.wait_for_state("Closed", 20)
+        assert "kill() called" in str(bench.octoprint.job().get("error"))
+        daemon.signal(signal.SIGHUP)
+        row = daemon.wait_for_printer(
+            "mk3s", lambda r: r["state"] == "holding after firmware error", "the hold"
+        )
+        assert "kill() called" in str(row["holds"])
+        stays(bench, "Closed", 2.0)
+        bench.power_cycle(plugged, marlin)
+        wait_operational(bench)
+    assert "hold: firmware error: " in daemon.log()
+
+
+# --- behaviour 6: the stuck "Opening serial connection" state is recovered ---------
+
+
+def test_stuck_opening_state_is_recovered(bench: Bench) -> None:
+    serial = new_serial()
+    plugged, _marlin = bench.plug(serial)
+    bench.octoprint.connect(str(bench.stuck_node), 115200)
+    bench.octoprint.wait_for_state("Opening serial connection", 10)
+    time.sleep(1.0)
+    assert bench.state() == "Opening serial connection", "the node must really hang OctoPrint"
+    with bench.daemon("stuck", serial) as daemon:
+        wait_operational(bench, timeout=60)
+        assert bench.port() == plugged.by_id
+    log = daemon.log()
+    assert 'stuck in "Opening serial connection"' in log
+    assert "the stuck connection was closed: connecting to" in log
+
+
+# --- behaviour 7: a connect that does not reach Operational is retried with backoff --
+
+
+def test_failed_connect_is_retried_with_backoff(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("retry", serial) as daemon:
+        _plugged, marlin = bench.plug(serial, silent=True)  # board on, firmware not answering
+        row = daemon.wait_for_printer(
+            "mk3s", lambda r: r["attempts"] == 1, "the first failed attempt", timeout=60
+        )
+        assert row["state"] == "waiting to retry"
+        assert "next in 5 s" in str(row["reason"])
+        marlin.respond()  # the firmware comes up
+        wait_operational(bench, timeout=30)
+        row = daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        assert row["connects"] == 2 and row["attempts"] == 0
+
+
+# --- behaviour 8: OctoPrint down or restarting: keep retrying, then reconcile ------
+
+
+def test_octoprint_down_then_back_is_reconciled(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("outage", serial) as daemon:
+        bench.octoprint.stop()
+        bench.plug(serial)
+        daemon.wait_for_printer(
+            "mk3s", lambda r: r["state"] == "octoprint unreachable", "the outage"
+        )
+        bench.octoprint.start()
+        wait_operational(bench, timeout=60)
+        daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+    log = daemon.log()
+    assert log.count("cannot reach OctoPrint") == 1, "an outage is logged once"
+    assert "OctoPrint answers again; reconciling" in log
+
+
+# --- behaviour 9: at start, a present device with OctoPrint closed is connected ----
+
+
+def test_start_with_the_printer_present_connects_it(bench: Bench) -> None:
+    serial = new_serial()
+    plugged, _marlin = bench.plug(serial)
+    with bench.daemon("startup", serial):
+        wait_operational(bench)
+        assert bench.port() == plugged.by_id
+
+
+# --- the service contract, against the real process --------------------------------
+
+
+def test_sd_notify_signals_and_exit_codes(bench: Bench) -> None:
+    serial = new_serial()
+    daemon = DaemonProcess(
+        bench.workdir / "notify",
+        bench.config(serial),
+        env=bench.testbed.env,
+        watchdog_usec=400_000,
+    )
+    daemon.start()
+    ready = next(m for m in daemon.notifications if m.startswith("READY=1"))
+    assert ready.startswith("READY=1\n") and "STATUS=mk3s: absent" in ready
+    daemon.wait_for_notification(lambda m: m == "WATCHDOG=1", timeout=5)
+    # A broken config on SIGHUP is logged and the old one kept.
+    daemon.config_path.write_text("[[printer]]\nname = 1\n")
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "keeping the old one" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    assert daemon.running()
+    bench.plug(serial)
+    wait_operational(bench)  # still served with the old config
+    assert daemon.stop() == 0
+    assert daemon.notifications[-1] == "STOPPING=1"
+    assert not any(m.startswith("RELOADING=1") for m in daemon.notifications)
+
+
+def test_sigint_stops_cleanly(bench: Bench) -> None:
+    daemon = bench.daemon("sigint", new_serial()).start()
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait_exit() == 0
+
+
+def test_non_printer_tty_is_ignored(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("gps", serial) as daemon:
+        bench.plugged.append(bench.testbed.plug("gps", usb_port="1-2"))
+        plugged, _marlin = bench.plug(serial)
+        wait_operational(bench)
+        assert bench.port() == plugged.by_id
+        assert daemon.printer("mk3s")["connects"] == 1
