@@ -352,7 +352,8 @@ class PrinterCore:
         if phase == Phase.OPENING:
             return self._opening(now)
         if phase == Phase.ERROR:
-            return self._look_again(now, "OctoPrint reports an error and is closing")
+            # Closing takes milliseconds: look again soon, then decide on "Closed".
+            return self._look_again(now, "OctoPrint is closing after an error", CONFIRM_FIRST)
         return self._closed(view, now)
 
     def _connected(self, view: OctoPrintView, now: float) -> list[Action]:
@@ -549,9 +550,9 @@ class PrinterCore:
             )
         ]
 
-    def _look_again(self, now: float, why: str) -> list[Action]:
+    def _look_again(self, now: float, why: str, delay: float | None = None) -> list[Action]:
         self.state = State.CONNECTING
-        self._deadline = now + self._confirm_delay()
+        self._deadline = now + (self._confirm_delay() if delay is None else delay)
         return [self._log(logging.DEBUG, f"{why}; looking again")]
 
     def _confirm_delay(self) -> float:

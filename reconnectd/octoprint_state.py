@@ -29,14 +29,16 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"  # detecting, connecting: OctoPrint is still trying
     OPERATIONAL = "operational"  # connected and idle
     BUSY = "busy"  # printing, paused, and everything between: never touch
-    ERROR = "error"  # the brief "Error" state before OctoPrint closes
+    ERROR = "error"  # the brief "Error"/"Offline after error" states before OctoPrint closes
 
 
 _PHASE_BY_STATE: dict[str, Phase] = {
     "closed": Phase.CLOSED,
-    "offline": Phase.CLOSED,  # OctoPrint 2.0
-    "offline after error": Phase.CLOSED,
-    "closed with error": Phase.CLOSED,
+    "offline": Phase.CLOSED,  # OctoPrint 2.0's word for no connection
+    # OctoPrint 1.11.8 shows this for ~15 ms after an error while the connection
+    # object still exists (seen against a real one): a connect sent then would be
+    # ignored, so it is "closing, look again", not closed.
+    "offline after error": Phase.ERROR,
     "opening serial connection": Phase.OPENING,
     "detecting serial connection": Phase.CONNECTING,
     "detecting serial port": Phase.CONNECTING,

@@ -301,6 +301,15 @@ def test_connected_octoprint_is_left_alone(state: str) -> None:
     assert any(f"leave: OctoPrint is {state}" in m for m in b.messages())
 
 
+def test_closing_after_an_error_is_looked_at_again_soon_then_connected() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    assert b.answer(view("Offline after error", error=VANISHED)) == []
+    assert b.advance(0.5) == [ReadOctoPrint()], "closing takes milliseconds: look again soon"
+    assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
+
+
 @pytest.mark.parametrize("state", ["Connecting", "Detecting serial connection", "Error"])
 def test_connecting_octoprint_is_watched_not_touched(state: str) -> None:
     b = bench()

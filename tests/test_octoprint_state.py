@@ -16,7 +16,7 @@ from reconnectd.octoprint_state import ErrorKind, OctoPrintView, Phase, classify
     [
         ("Closed", Phase.CLOSED),
         ("Offline", Phase.CLOSED),  # OctoPrint 2.0
-        ("Offline after error", Phase.CLOSED),
+        ("Offline after error", Phase.ERROR),  # 1.11.8: closing, the connection still exists
         ("Opening serial connection", Phase.OPENING),
         ("Detecting serial connection", Phase.CONNECTING),
         ("Connecting", Phase.CONNECTING),
