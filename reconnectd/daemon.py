@@ -443,9 +443,10 @@ class Daemon:
         config = self._config
         if config.zero_config:
             log.info(
-                "reconnectd %s: no config file, watching every known printer board for "
+                "reconnectd %s: %s, so every known printer board is the printer of "
                 "OctoPrint at %s",
                 __version__,
+                f"no [[printer]] in {config.source}" if config.source else "no config file",
                 config.octoprint.url,
             )
         else:

@@ -10,8 +10,11 @@ of the contract, each asserting what OctoPrint really did.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from tests.support.testbed import Plugged, Testbed, unavailable_reason
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
 SETTLE = 0.5
+REPO = Path(__file__).resolve().parents[1]
 _serials = itertools.count(1)
 
 
@@ -415,3 +419,66 @@ def test_non_printer_tty_is_ignored(bench: Bench) -> None:
         wait_operational(bench)
         assert bench.port() == plugged.by_id
         assert daemon.printer("mk3s")["connects"] == 1
+
+
+# --- the commands that look at the real world ----------------------------------------
+
+
+def run_command(
+    bench: Bench, workdir: Path, config: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "reconnectd.toml"
+    path.write_text(config)
+    env = dict(bench.testbed.env, PYTHONPATH=str(REPO), RECONNECTD_CONFIG=str(path))
+    return subprocess.run(
+        [sys.executable, "-m", "reconnectd", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_devices_lists_the_printer_with_its_match_and_a_stanza(bench: Bench) -> None:
+    serial = new_serial()
+    plugged, _marlin = bench.plug(serial)
+    bench.plugged.append(bench.testbed.plug("gps", usb_port="1-2"))
+    done = run_command(bench, bench.workdir / "devices", bench.config(serial), "devices", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["node"]: row for row in json.loads(done.stdout)}
+    printer = rows[plugged.node]
+    assert printer["printers"] == ["mk3s"]
+    assert plugged.by_id in printer["links"]
+    assert (printer["vendor_id"], printer["product_id"], printer["serial"]) == (
+        "2c99",
+        "0002",
+        serial,
+    )
+    assert f'serial = "{serial}"' in printer["stanza"]
+    gps = [row for node, row in rows.items() if node != plugged.node]
+    assert gps and gps[0]["printers"] == [] and gps[0]["board"] is None
+    text = run_command(bench, bench.workdir / "devices", bench.config(serial), "devices")
+    assert f"{plugged.node}\n" in text.stdout
+    assert "printer:  mk3s" in text.stdout
+    assert '        vendor_id = "2c99"' in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "code", "says"),
+    [
+        (None, None, 0, "OK: state Closed"),
+        ("0123456789abcdef0123456789abcdef", None, 77, "API key"),
+        (None, "http://127.0.0.1:9", 69, "unreachable: connection refused"),
+    ],
+)
+def test_check_online_against_a_real_octoprint(
+    bench: Bench, key: str | None, url: str | None, code: int, says: str
+) -> None:
+    config = bench.config("X", key=key)
+    if url is not None:
+        config = config.replace(bench.octoprint.url, url)
+    done = run_command(bench, bench.workdir / "check", config, "check", "--online")
+    assert done.returncode == code, done.stdout + done.stderr
+    assert says in done.stdout
+    assert bench.state() == "Closed", "the permission probe must not connect anything"
