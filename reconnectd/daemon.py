@@ -443,8 +443,7 @@ class Daemon:
         config = self._config
         if config.zero_config:
             log.info(
-                "reconnectd %s: %s, so every known printer board is the printer of "
-                "OctoPrint at %s",
+                "reconnectd %s: %s, so every known printer board is the printer of OctoPrint at %s",
                 __version__,
                 f"no [[printer]] in {config.source}" if config.source else "no config file",
                 config.octoprint.url,
