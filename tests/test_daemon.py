@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from reconnectd.octoprint_state import (
     Refused,
 )
 from reconnectd.systemd import Notifier
+from tests.support.notify_socket import NotifySocket
 
 BY_ID = "/dev/serial/by-id/usb-Prusa_MK3_CZPX1-if00"
 
@@ -123,35 +123,6 @@ class FakeOctoPrint:
 
     def close(self) -> None:
         pass
-
-
-class NotifySocket:
-    """systemd's side of sd_notify: a real datagram socket, read by the test."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.05)
-        self.messages: list[str] = []
-
-    def receive(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, socket.timeout):
-                return self.messages
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            messages = self.receive()
-            for message in messages[seen:]:
-                if predicate(message):
-                    return message
-            seen = len(messages)
-        raise AssertionError(f"no matching sd_notify message; got {self.messages}")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -252,9 +223,7 @@ def run_daemon(
     driver.start()
     run.exit_code.append(daemon.run())
     driver.join(10)
-    notify.receive()
-    notify.sock.close()
-    notify.path.unlink()
+    notify.close()
     if failure:
         raise failure[0]
     return run

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
+
+from tests.support.notify_socket import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,8 +48,7 @@ class DaemonProcess:
         self._extra_env = dict(env or {})
         self._args = args
         self._watchdog_usec = watchdog_usec
-        self.notifications: list[str] = []
-        self._notify: socket.socket | None = None
+        self._notify: NotifySocket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
@@ -56,12 +56,7 @@ class DaemonProcess:
 
     def start(self, *, wait_ready: bool = True) -> DaemonProcess:
         """Start the process; with ``wait_ready``, return once it sent READY=1."""
-        if self.notify_path.exists():
-            self.notify_path.unlink()
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(self.notify_path))
-        self._notify.settimeout(0.05)
-        self.notifications = []
+        self._notify = NotifySocket(self.notify_path)
         env = dict(os.environ)
         env.update(self._extra_env)
         env.update(
@@ -124,10 +119,8 @@ class DaemonProcess:
         return self._process is not None and self._process.poll() is None
 
     def _close_files(self) -> None:
-        self.receive_notifications()
         if self._notify is not None:
             self._notify.close()
-            self._notify = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -146,28 +139,18 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def receive_notifications(self) -> list[str]:
-        while self._notify is not None:
-            try:
-                self.notifications.append(self._notify.recv(65536).decode())
-            except (TimeoutError, socket.timeout):
-                break
-        return self.notifications
+    @property
+    def notifications(self) -> list[str]:
+        """Every sd_notify message received from the current (or last) run."""
+        return [] if self._notify is None else self._notify.receive()
 
     def wait_for_notification(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            messages = self.receive_notifications()
-            for message in messages[seen:]:
-                if predicate(message):
-                    return message
-            seen = len(messages)
-            if not self.running():
-                break
-        raise AssertionError(
-            f"no matching sd_notify message within {timeout} s; got {self.notifications}\n"
-            f"--- reconnectd log ---\n{self.log()}"
+        assert self._notify is not None, "not started"
+        return self._notify.wait_for(
+            predicate,
+            timeout,
+            alive=self.running,
+            context=lambda: f"\n--- reconnectd log ---\n{self.log()}",
         )
 
     def status(self) -> dict[str, object]:
