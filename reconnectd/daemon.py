@@ -353,17 +353,13 @@ class Daemon:
         self._apply_config(config, {})
         now = self._clock()
         for printer in self._printers.values():
-            if printer.devpath is None:
-                for device in list(self._present.values()):
-                    if self._owner_of(device.devpath) is None:
-                        routed = self._route(device)
-                        if routed is printer:
-                            printer.devpath = device.devpath
-                            self._execute(
-                                printer, printer.core.device_added(device, now, enumerated=True)
-                            )
-            else:
+            if printer.devpath is not None:
                 self._execute(printer, printer.core.reconcile(now, "config reloaded"))
+        # Printers added or changed by the reload own no device yet: the present
+        # devices are routed to them exactly as at start-up.
+        for device in list(self._present.values()):
+            if self._owner_of(device.devpath) is None:
+                self._on_device_event(DeviceAdded(device, enumerated=True), now)
         self._after_wake()
         self._notifier.ready(self._summary())
 

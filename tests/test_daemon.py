@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -398,3 +399,32 @@ def test_unwritable_status_directory_is_logged_once_and_the_daemon_goes_on(
     run_daemon(tmp_path, runtime, scenario)
     warnings = [r for r in caplog.records if "cannot write the status file" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_reload_adding_a_printer_adopts_the_present_device(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    octoprint_config = config().octoprint
+    other = PrinterConfig(name="ender", octoprint=octoprint_config, vendor_id="1a86")
+    before = Config(source=config().source, octoprint=octoprint_config, printers=(other,))
+    after = config()  # only mk3s now: ender removed, mk3s added
+    caplog.set_level(logging.INFO, logger="reconnectd")
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        assert run.octoprint.connects == [], "the Prusa matches no printer yet"
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the adopted device connected")
+
+    run = run_daemon(
+        tmp_path,
+        runtime,
+        scenario,
+        present=[device(0)],
+        first_config=before,
+        reload_config=lambda: after,
+    )
+    rows = run.status()["printers"]
+    assert isinstance(rows, list) and [row["name"] for row in rows] == ["mk3s"]
+    assert any("ender: removed from the config" in r.getMessage() for r in caplog.records)
+    assert any("looks like a printer" in r.getMessage() for r in caplog.records)
