@@ -186,14 +186,22 @@ class PrinterCore:
     def device_added(self, device: Device, now: float, *, enumerated: bool = False) -> list[Action]:
         """Given a matching device that appeared (or was present at start), act after settling.
 
-        An observed add means the device vanished and came back (or was plugged for
-        the first time): holds are released. An enumerated device at start releases
-        only holds placed on another instance.
+        An observed add of a new instance means the device vanished and came back
+        (or was plugged for the first time): holds are released and the backoff
+        starts over. An add for the instance we already have is udev announcing it
+        again (a ``change`` after ``udevadm trigger``): it earns a fresh look, but
+        releases nothing, since nothing was switched off. An enumerated device at
+        start releases only holds placed on another instance.
         """
-        actions: list[Action] = []
         previous = self.device
         self.device = device
         self._generation += 1
+        self.state = State.SETTLING
+        self._outage = None
+        if not enumerated and previous is not None and _same_instance(previous, device):
+            self._deadline = now + self.settings.settle
+            return []
+        actions: list[Action] = []
         if enumerated:
             # Fresh only when we remember another instance: with nothing remembered
             # (first start) an old fatal error cannot be proven stale.
@@ -217,12 +225,8 @@ class PrinterCore:
             # Nothing to debounce at start: decide now.
             self._deadline = now
         else:
-            if previous is not None and previous.devpath == device.devpath:
-                # A repeated add or change for the node we have: part of a burst.
-                pass
-            else:
-                self._fresh = True
-                self._seen_connected = False
+            self._fresh = True
+            self._seen_connected = False
             if self.holds:
                 actions.append(
                     self._log(logging.INFO, "holds released: the device vanished and came back")
@@ -231,8 +235,6 @@ class PrinterCore:
             self._deadline = now + self.settings.settle
         self.last_instance = device.instance
         self._reset_attempts()
-        self._outage = None
-        self.state = State.SETTLING
         self._held_logged = False
         return actions
 
@@ -663,6 +665,15 @@ def choose_port(device: Device, offered: tuple[str, ...], configured: str | None
         if path in offered:
             return path
     return None
+
+
+def _same_instance(a: Device, b: Device) -> bool:
+    """Whether two sightings are the same appearance of the same device.
+
+    Without an instance stamp (no udev database, no USB parent) a second add for
+    the same devpath cannot be told from a return, and is taken as one.
+    """
+    return a.devpath == b.devpath and bool(a.instance) and a.instance == b.instance
 
 
 def _glob_hint(path: str) -> str:

@@ -360,6 +360,31 @@ def test_manual_disconnect_holds_until_the_device_vanishes_and_comes_back() -> N
     assert len(b.connects()) == 2
 
 
+def test_udev_change_for_the_same_device_keeps_the_hold_and_looks_again() -> None:
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(CLOSED)
+    assert b.core.holds
+    assert b.add(DEVICE) == [], "a re-announced device (udevadm trigger) is no power cycle"
+    assert b.core.holds, "the hold must survive"
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == []
+    assert b.state() == State.HELD
+    assert len(b.connects()) == 1
+
+
+def test_same_devpath_with_a_new_instance_is_a_return_and_releases_the_hold() -> None:
+    """A remove lost (netlink overflow) and the device back under the same name."""
+    b = connected_bench()
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(CLOSED)
+    b.add(replace(DEVICE, instance="3000"))
+    assert b.core.holds == []
+    b.connect_until_operational()
+
+
 def test_user_connecting_again_releases_the_hold() -> None:
     b = connected_bench()
     b.core.reconcile(b.now, "reload")
