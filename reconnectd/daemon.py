@@ -49,6 +49,7 @@ from reconnectd.workers import RequestWorkers
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+EXIT_UNAVAILABLE = 69  # sysexits.h: a service we need (udev's netlink) is not there
 
 
 class DeviceSource(Protocol):
@@ -155,7 +156,11 @@ class Daemon:
         try:
             self._selector.register(signal_reader, selectors.EVENT_READ, self._on_signals)
             self._selector.register(self._workers.fileno(), selectors.EVENT_READ, self._on_results)
-            present = self._source.start()
+            try:
+                present = self._source.start()
+            except OSError as error:
+                log.error("cannot listen to udev for device events: %s", error)
+                return EXIT_UNAVAILABLE
             self._selector.register(self._source.fileno(), selectors.EVENT_READ, self._on_udev)
             self._log_start()
             memory = self._load_memory()

@@ -428,3 +428,27 @@ def test_reload_adding_a_printer_adopts_the_present_device(
     assert isinstance(rows, list) and [row["name"] for row in rows] == ["mk3s"]
     assert any("ender: removed from the config" in r.getMessage() for r in caplog.records)
     assert any("looks like a printer" in r.getMessage() for r in caplog.records)
+
+
+class DeafSource(PipeSource):
+    """A device source whose netlink socket cannot be opened (no permission)."""
+
+    def start(self) -> list[Device]:
+        self.started.set()
+        raise PermissionError(1, "Operation not permitted")
+
+
+def test_udev_unavailable_is_one_clear_error_and_exit_69(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    source = DeafSource([])
+    daemon = Daemon(
+        config(),
+        source=source,
+        api_factory=lambda _: FakeOctoPrint(),
+        notifier=Notifier(runtime),
+        environ=runtime,
+    )
+    assert daemon.run() == 69
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["cannot listen to udev for device events: [Errno 1] Operation not permitted"]
