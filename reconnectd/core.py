@@ -369,12 +369,16 @@ class PrinterCore:
             actions.append(self._log(logging.INFO, "holds released: connected by the user"))
         self._reset_attempts()
         self.state = State.OPERATIONAL if view.phase == Phase.OPERATIONAL else State.BUSY
+        self._watch(now)
         if was_attempt:
             actions.append(self._decided(now, "connected", f"OctoPrint is {view.state}"))
-        else:
-            reason = f"OctoPrint is {view.state}"
-            repeated = (self.decision, self.reason) == ("leave", reason)
-            actions.append(self._decided(now, "leave", reason, quiet=repeated))
+        elif (self.decision, self.reason) not in (
+            ("connected", f"OctoPrint is {view.state}"),
+            ("leave", f"OctoPrint is {view.state}"),
+        ):
+            # A look that finds things as they were (a polled printer's watch) is no
+            # decision: the status keeps the last one and the journal stays quiet.
+            actions.append(self._decided(now, "leave", f"OctoPrint is {view.state}"))
         return actions
 
     def _opening(self, now: float) -> list[Action]:
@@ -538,6 +542,7 @@ class PrinterCore:
     def _report_held(self, now: float) -> list[Action]:
         self.state = State.HELD
         self._deadline = None
+        self._watch(now)  # a polled printer notices the user's own connect this way
         if self._held_logged:
             return []
         self._held_logged = True
@@ -551,6 +556,16 @@ class PrinterCore:
                 level=logging.WARNING,
             )
         ]
+
+    def _watch(self, now: float) -> None:
+        """Read OctoPrint again after one poll period, for a printer that is polled.
+
+        A port that never vanishes sends no udev event when the printer behind it is
+        switched off or on: only looking tells. An event-driven printer (poll = 0)
+        is left alone, and costs OctoPrint no request while nothing happens.
+        """
+        if self.settings.poll > 0:
+            self._deadline = now + self.settings.poll
 
     def _look_again(self, now: float, why: str, delay: float | None = None) -> list[Action]:
         self.state = State.CONNECTING
@@ -633,7 +648,8 @@ class PrinterCore:
         next retry of a printer left off), so the journal tells a person what
         changed, not every tick.
         """
-        self.decided_at = now
+        if not quiet:
+            self.decided_at = now  # "at" says since when, not when last repeated
         self.decision = decision
         self.reason = reason
         return self._log(logging.DEBUG if quiet else level, f"{decision}: {reason}")
@@ -645,11 +661,12 @@ class PrinterCore:
 def retry_delay(failed_attempts: int, poll: float = 0.0) -> float:
     """Given the number of failed connects, return seconds until the next one.
 
-    5 s doubling to 300 s (contract rule 7); a polled printer never retries faster
-    than its poll period.
+    5 s doubling to 300 s (contract rule 7). A polled printer backs off from its
+    poll period instead, to the same cap (or to the poll period, if longer): every
+    attempt at a silent printer costs OctoPrint ~40 s and a thread (#5420).
     """
-    delay = min(RETRY_FIRST * 2.0 ** max(failed_attempts - 1, 0), RETRY_CAP)
-    return max(delay, min(poll, RETRY_CAP))
+    first = max(poll, RETRY_FIRST)
+    return min(first * 2.0 ** max(failed_attempts - 1, 0), max(RETRY_CAP, poll))
 
 
 def choose_port(device: Device, offered: tuple[str, ...], configured: str | None) -> str | None:

@@ -560,8 +560,14 @@ def test_our_attempt_stuck_in_opening_counts_as_failed_and_backs_off() -> None:
         (7, 0, 300),
         (12, 0, 300),
         (1, 30, 30),
-        (4, 30, 40),
-        (1, 600, 300),
+        (2, 30, 60),
+        (3, 30, 120),
+        (4, 30, 240),
+        (5, 30, 300),
+        (40, 30, 300),
+        (1, 5, 5),
+        (1, 600, 600),
+        (3, 600, 600),
     ],
 )
 def test_retry_delay(failed: int, poll: float, delay: float) -> None:
@@ -780,3 +786,76 @@ def test_dry_run_decides_and_logs_but_never_posts() -> None:
     b.advance(STUCK_AFTER)
     assert b.answer(stuck) == []
     assert not any(isinstance(r, (Connect, Disconnect)) for r in b.requests)
+
+
+# --- polled printers: ports that never vanish ------------------------------------
+
+TIMEOUTS = "Too many consecutive timeouts, printer still connected and alive?"
+
+
+def test_polled_printer_is_watched_every_poll_period_quietly() -> None:
+    b = bench(poll=30)
+    b.add()
+    b.connect_until_operational()
+    connected_at = b.core.decided_at
+    for _ in range(5):
+        assert b.advance(29.9) == []
+        assert b.advance(0.1) == [ReadOctoPrint()]
+        assert b.answer(OPERATIONAL) == []
+    assert b.connects() == [Connect(BY_ID, 115200, None)]
+    assert not [m for m in b.messages() if "leave" in m], "watching is not news"
+    assert b.core.decided_at == connected_at, "the status keeps when it was decided"
+
+
+def test_event_driven_printer_is_not_watched() -> None:
+    b = bench()
+    b.add()
+    b.connect_until_operational()
+    assert b.core.deadline is None
+    assert b.advance(86400) == []
+
+
+def test_polled_printer_switched_off_behind_a_powered_chip_is_retried_until_it_answers() -> None:
+    b = bench(poll=30)
+    b.add()
+    b.connect_until_operational()
+    # Switched off: the node stays, OctoPrint times out and closes. No udev event.
+    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.answer(view(error=TIMEOUTS)) == [Connect(BY_ID, 115200, None)]
+    starts = [b.now]
+    for _ in range(5):  # each attempt ends "Offline" with no error: not a Disconnect
+        b.done()
+        assert b.advance(60) == [ReadOctoPrint()]
+        assert b.answer(view("Connecting")) == []
+        assert b.advance(60) == [ReadOctoPrint()]
+        assert b.answer(CLOSED) == []
+        assert b.core.holds == [], "the end of our own attempt is not the user's Disconnect"
+        assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+        assert isinstance(b.answer(CLOSED)[0], Connect)
+        starts.append(b.now)
+    gaps = [round(later - earlier) for earlier, later in zip(starts, starts[1:])]
+    # the attempt's own two looks (0.5 s each) plus the backoff from poll to the cap
+    assert gaps == [round(1.0 + retry_delay(n, 30)) for n in range(1, 6)]
+    assert b.core.state == State.CONNECTING, "a polled printer never gives up"
+    # Switched on: the attempt in progress reaches Operational.
+    b.done()
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.answer(OPERATIONAL) == []
+    assert b.core.attempts == 0
+    assert len(b.messages(logging.WARNING)) == 1, "a run of failures is logged once"
+
+
+def test_polled_printer_respects_a_disconnect_and_sees_the_user_connect_again() -> None:
+    b = bench(poll=30)
+    b.add()
+    b.connect_until_operational()
+    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.answer(CLOSED) == [], "the user disconnected"
+    assert b.state() == State.HELD
+    for _ in range(3):
+        assert b.advance(30) == [ReadOctoPrint()]
+        assert b.answer(CLOSED) == []
+    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.answer(OPERATIONAL) == [], "the user connected: hands off, hold ends"
+    assert b.core.holds == []
+    assert len(b.connects()) == 1

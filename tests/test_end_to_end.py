@@ -100,7 +100,9 @@ class Bench:
         self.unplug(plugged, marlin)
         return self.plug(plugged.serial)
 
-    def config(self, serial: str, *, settle: float = SETTLE, key: str | None = None) -> str:
+    def config(
+        self, serial: str, *, settle: float = SETTLE, key: str | None = None, poll: float = 0
+    ) -> str:
         return (
             "[octoprint]\n"
             f'url = "{self.octoprint.url}"\n'
@@ -112,6 +114,7 @@ class Bench:
             'product_id = "0002"\n'
             f'serial = "{serial}"\n'
             f"settle = {settle}\n"
+            f"poll = {poll}\n"
         )
 
     def daemon(self, name: str, serial: str, **kw: object) -> DaemonProcess:
@@ -373,6 +376,42 @@ def test_start_with_the_printer_present_connects_it(bench: Bench) -> None:
     with bench.daemon("startup", serial):
         wait_operational(bench)
         assert bench.port() == plugged.by_id
+
+
+# --- behaviour 10: a port that never vanishes is polled ----------------------------
+
+
+def test_polled_port_that_never_vanishes_is_reconnected_when_the_printer_answers(
+    bench: Bench,
+) -> None:
+    serial = new_serial()
+    with bench.daemon("prusa", serial, poll=5) as daemon:
+        _plugged, marlin = bench.plug(serial)
+        wait_operational(bench)
+        daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        # Switched off behind a USB chip powered by the host: no udev event at all.
+        marlin.go_silent()
+        bench.octoprint.wait_for_state("Closed", 30)
+        assert "Too many consecutive timeouts" in str(bench.octoprint.job().get("error"))
+        # reconnectd notices on its next look and tries; the attempt at a silent
+        # printer fails and is retried with backoff, never taken for a Disconnect.
+        row = daemon.wait_for_printer(
+            "mk3s", lambda r: r["attempts"] != 0, "a failed attempt", timeout=60
+        )
+        assert row["holds"] == []
+        connects_before = row["connects"]
+        assert isinstance(connects_before, int) and connects_before >= 2
+        switched_on = time.monotonic()
+        marlin.respond()  # switched on again
+        wait_operational(bench, timeout=60)
+        took = time.monotonic() - switched_on
+        row = daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+    # Within the current backoff (5 s, then 10 s) plus one connect (~4 s here).
+    assert took <= 10 + 5, f"Operational {took:.1f} s after the firmware answered"
+    assert row["connects"] in (connects_before, connects_before + 1, connects_before + 2)
+    log = daemon.log()
+    assert "OctoPrint lost the printer (Too many consecutive timeouts" in log
+    assert log.count("WARNING") <= 2, "a run of failures is logged once, not per attempt"
 
 
 # --- the service contract, against the real process --------------------------------
