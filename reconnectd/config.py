@@ -49,6 +49,8 @@ POLL_MIN = 5.0
 POLL_MAX = 86400.0
 # An API key is 32-43 characters; anything this large is the wrong file.
 KEY_FILE_MAX_BYTES = 4096
+# udev's ID_PATH of a device on port 2 of a hub on port 1 of an Intel xHCI.
+USB_PATH_EXAMPLE = "pci-0000:00:14.0-usb-0:1.2:1.0"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -78,6 +80,7 @@ class PrinterConfig:
     vendor_id: str | None = None
     product_id: str | None = None
     serial: str | None = None
+    usb_path: str | None = None
     port: str | None = None
     baudrate: int | None = None
     profile: str | None = None
@@ -251,6 +254,11 @@ def _kind(value: object) -> str:
     return _describe(value)
 
 
+def is_usb_path(text: str) -> bool:
+    """Given a string, return whether it can be udev's ``ID_PATH``: one printable word."""
+    return bool(text) and not any(c.isspace() or not c.isprintable() for c in text)
+
+
 def _is_nan(value: float) -> bool:
     # math.isnan() converts to float first, which overflows for a huge integer.
     return isinstance(value, float) and math.isnan(value)
@@ -284,6 +292,7 @@ _PRINTER_KEYS = (
     "vendor_id",
     "product_id",
     "serial",
+    "usb_path",
     "port",
     "baudrate",
     "profile",
@@ -510,6 +519,7 @@ class _Checker:
             if key in table:
                 values[key] = self.usb_id(table[key], _key_path(path, key))
         self.optional(table, path, "serial", values, self.text)
+        self.optional(table, path, "usb_path", values, self.usb_path)
         self.optional(table, path, "port", values, self.port)
         self.optional(table, path, "baudrate", values, self.baudrate)
         self.optional(table, path, "profile", values, self.text)
@@ -525,7 +535,7 @@ class _Checker:
         if "vendor_id" not in written:
             if "port" not in written:
                 self.problem(path, "needs vendor_id or port to know which device is this printer")
-            for key in ("product_id", "serial"):
+            for key in ("product_id", "serial", "usb_path"):
                 if key in table:
                     self.problem(_key_path(path, key), "needs vendor_id as well")
 
@@ -573,6 +583,16 @@ class _Checker:
         if isinstance(value, str) and value.strip():
             return value
         self.problem(path, f"expected a non-empty string, got {_describe(value)}")
+        return None
+
+    def usb_path(self, value: object, path: str) -> str | None:
+        if isinstance(value, str) and is_usb_path(value):
+            return value
+        self.problem(
+            path,
+            'expected a USB path without spaces as "reconnectd devices" prints it,'
+            f' like "{USB_PATH_EXAMPLE}", got {_describe(value)}',
+        )
         return None
 
     def port(self, value: object, path: str) -> str | None:

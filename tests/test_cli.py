@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from reconnectd import __version__
+from reconnectd import __version__, cli
 from reconnectd.cli import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
+from reconnectd.config import parse_config
+from reconnectd.devices import Device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,3 +159,61 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.strip() == f"reconnectd {__version__}"
+
+
+# Two identical serial-less CH340 boards on ports 1.2 and 1.3 of one hub.
+TWIN_PATHS = ("pci-0000:00:14.0-usb-0:1.2:1.0", "pci-0000:00:14.0-usb-0:1.3:1.0")
+TWINS = [
+    Device(
+        devpath=f"/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.{port}/tty/ttyUSB{index}",
+        node=f"/dev/ttyUSB{index}",
+        vendor_id="1a86",
+        product_id="7523",
+        usb_path=TWIN_PATHS[index],
+        vendor="QinHeng Electronics",
+        model="CH340 serial converter",
+    )
+    for index, port in enumerate((2, 3))
+]
+TWINS_CONFIG = (
+    '[[printer]]\nname = "left"\nvendor_id = "1a86"\n'
+    f'usb_path = "{TWIN_PATHS[0]}"\n'
+    '[[printer]]\nname = "right"\nvendor_id = "1a86"\n'
+    f'usb_path = "{TWIN_PATHS[1]}"\n'
+)
+
+
+def test_devices_tells_identical_boards_apart_by_usb_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "list_serial_devices", lambda: list(TWINS))
+    env = env_for(tmp_path, TWINS_CONFIG)
+    assert main(["devices"], env) == EXIT_OK
+    blocks = capsys.readouterr().out.split("\n\n")
+    for index, (name, printer) in enumerate((("ttyusb0", "left"), ("ttyusb1", "right"))):
+        lines = blocks[index].splitlines()
+        assert f"    usb path: {TWIN_PATHS[index]}" in lines
+        assert f"    printer:  {printer}" in lines
+        assert "    config:" in lines
+        stanza = lines[lines.index("    config:") + 1 :]
+        assert stanza == [
+            "        [[printer]]",
+            f'        name = "ch340-serial-converter-{name}"',
+            '        vendor_id = "1a86"',
+            '        product_id = "7523"',
+            f'        usb_path = "{TWIN_PATHS[index]}"',
+        ]
+
+
+def test_devices_json_has_the_usb_path_and_stanzas_that_make_a_valid_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "list_serial_devices", lambda: list(TWINS))
+    env = env_for(tmp_path, TWINS_CONFIG)
+    assert main(["devices", "--json"], env) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["usb_path"] for row in rows] == list(TWIN_PATHS)
+    assert [row["printers"] for row in rows] == [["left"], ["right"]]
+    pasted = "\n".join(row["stanza"] for row in rows)
+    config = parse_config(pasted, tmp_path / "pasted.toml")
+    assert [p.usb_path for p in config.printers] == list(TWIN_PATHS)

@@ -27,6 +27,11 @@ SECRET = "S3CRETKEY0123456789abcdefABCDEF01"
 PRINTER = '[[printer]]\nname = "mk3s"\n'
 PRINTER_PORT = '[[printer]]\nname = "mk3s"\nport = "/dev/ttyACM0"\n'
 URL_FORM = 'expected an http:// or https:// URL with a host like "http://127.0.0.1:5000"'
+USB_PATH = "pci-0000:00:14.0-usb-0:1.2:1.0"
+USB_PATH_FORM = (
+    f'expected a USB path without spaces as "reconnectd devices" prints it, like "{USB_PATH}"'
+)
+PRINTER_CH340 = PRINTER + 'vendor_id = "1a86"\nproduct_id = "7523"\n'
 
 
 def problems_of(text: str, source: Path = SOURCE) -> list[str]:
@@ -62,7 +67,7 @@ MALFORMED = [
         PRINTER_PORT + '"odd key" = 1\n',
         [
             'printer[0]."odd key": unknown key "odd key" (expected one of: name, vendor_id,'
-            " product_id, serial, port, baudrate, profile, settle, poll, octoprint)"
+            " product_id, serial, usb_path, port, baudrate, profile, settle, poll, octoprint)"
         ],
         id="unknown-quoted-key",
     ),
@@ -261,6 +266,72 @@ MALFORMED = [
         id="serial-number-and-no-vendor",
     ),
     pytest.param(
+        PRINTER_CH340 + f'usbpath = "{USB_PATH}"\n',
+        ['printer[0].usbpath: unknown key "usbpath" (did you mean "usb_path"?)'],
+        id="unknown-usb-path-suggested",
+    ),
+    pytest.param(
+        PRINTER_PORT + f'usb_path = "{USB_PATH}"\n',
+        ["printer[0].usb_path: needs vendor_id as well"],
+        id="usb-path-without-vendor",
+    ),
+    pytest.param(
+        '[[printer]]\nname = "mk3s"\n' + f'usb_path = "{USB_PATH}"\n',
+        [
+            "printer[0]: needs vendor_id or port to know which device is this printer",
+            "printer[0].usb_path: needs vendor_id as well",
+        ],
+        id="usb-path-alone",
+    ),
+    pytest.param(
+        PRINTER_PORT + "usb_path = 12\n",
+        [
+            f"printer[0].usb_path: {USB_PATH_FORM}, got 12",
+            "printer[0].usb_path: needs vendor_id as well",
+        ],
+        id="usb-path-number-and-no-vendor",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = ""\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got ""'],
+        id="usb-path-empty",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = "   "\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got "   "'],
+        id="usb-path-blank",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = "pci-0000:00:14.0-usb-0:1.2:1.0 "\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got "pci-0000:00:14.0-usb-0:1.2:1.0 "'],
+        id="usb-path-trailing-space",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = "pci-0000:00:14.0\tusb-0:1.2:1.0"\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got "pci-0000:00:14.0\\tusb-0:1.2:1.0"'],
+        id="usb-path-tab",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = "usb-0:1.2\\n:1.0"\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got "usb-0:1.2\\n:1.0"'],
+        id="usb-path-line-break",
+    ),
+    pytest.param(
+        PRINTER_CH340 + 'usb_path = "usb-0:1.2\\u0000"\n',
+        [f'printer[0].usb_path: {USB_PATH_FORM}, got "usb-0:1.2\\u0000"'],
+        id="usb-path-nul",
+    ),
+    pytest.param(
+        PRINTER_CH340 + "usb_path = true\n",
+        [f"printer[0].usb_path: {USB_PATH_FORM}, got true"],
+        id="usb-path-bool",
+    ),
+    pytest.param(
+        PRINTER_CH340 + f'usb_path = ["{USB_PATH}"]\n',
+        [f"printer[0].usb_path: {USB_PATH_FORM}, got an array"],
+        id="usb-path-array",
+    ),
+    pytest.param(
         PRINTER_PORT + 'profile = ""\n',
         ['printer[0].profile: expected a non-empty string, got ""'],
         id="empty-profile",
@@ -421,6 +492,7 @@ def test_every_key_is_read() -> None:
         f'api_key = "{SECRET}"\ntimeout = 2.5\n'
         '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\nproduct_id = "0002"\n'
         'serial = "CZPX1017X004XK12345"\nport = "/dev/serial/by-id/usb-Prusa-if00"\n'
+        f'usb_path = "{USB_PATH}"\n'
         'baudrate = 115200\nprofile = "_default"\nsettle = 2\npoll = 30\n'
     )
     config = parse_config(text, SOURCE)
@@ -433,6 +505,7 @@ def test_every_key_is_read() -> None:
             vendor_id="2c99",
             product_id="0002",
             serial="CZPX1017X004XK12345",
+            usb_path=USB_PATH,
             port="/dev/serial/by-id/usb-Prusa-if00",
             baudrate=115200,
             profile="_default",
@@ -441,6 +514,47 @@ def test_every_key_is_read() -> None:
         ),
     )
     assert isinstance(config.printers[0].settle, float)
+
+
+@pytest.mark.parametrize(
+    ("extra", "usb_path"),
+    [
+        pytest.param("", None, id="absent"),
+        pytest.param(f'usb_path = "{USB_PATH}"\n', USB_PATH, id="behind-a-hub"),
+        pytest.param(
+            'usb_path = "pci-0000:00:14.0-usb-0:2:1.0"\n',
+            "pci-0000:00:14.0-usb-0:2:1.0",
+            id="root-port",
+        ),
+        pytest.param(
+            'usb_path = "platform-xhci-hcd.0.auto-usb-0:1.1:1.0"\n',
+            "platform-xhci-hcd.0.auto-usb-0:1.1:1.0",
+            id="raspberry-pi",
+        ),
+        pytest.param(
+            f"usb_path = '{USB_PATH}'\nport = \"/dev/ttyUSB0\"\n",
+            USB_PATH,
+            id="literal-string-with-port",
+        ),
+    ],
+)
+def test_usb_path_is_read_as_written(extra: str, usb_path: str | None) -> None:
+    (printer,) = parse_config(PRINTER_CH340 + extra, SOURCE).printers
+    assert (printer.vendor_id, printer.product_id) == ("1a86", "7523")
+    assert printer.usb_path == usb_path
+
+
+def test_two_identical_boards_told_apart_by_usb_path() -> None:
+    text = (
+        f'{PRINTER_CH340}usb_path = "pci-0000:00:14.0-usb-0:1:1.0"\n'
+        '[[printer]]\nname = "ender3"\nvendor_id = "1a86"\nproduct_id = "7523"\n'
+        'usb_path = "pci-0000:00:14.0-usb-0:2:1.0"\n'
+    )
+    printers = parse_config(text, SOURCE).printers
+    assert [(p.name, p.usb_path) for p in printers] == [
+        ("mk3s", "pci-0000:00:14.0-usb-0:1:1.0"),
+        ("ender3", "pci-0000:00:14.0-usb-0:2:1.0"),
+    ]
 
 
 def test_printer_inherits_octoprint() -> None:
@@ -630,6 +744,7 @@ def test_example_settings_are_valid_when_uncommented(tmp_path: Path) -> None:
     (printer,) = config.printers
     assert printer.name == "mk3s"
     assert (printer.vendor_id, printer.product_id, printer.baudrate) == ("2c99", "0002", 115200)
+    assert printer.usb_path == "pci-0000:00:14.0-usb-0:1.2:1.0"
     assert printer.octoprint.url == "http://127.0.0.1:5001"
     assert printer.octoprint.api_key == "PRINTERKEY"
     assert config.octoprint.api_key == SECRET
@@ -644,6 +759,7 @@ def test_example_mentions_every_key() -> None:
             "vendor_id",
             "product_id",
             "serial",
+            "usb_path",
             "port",
             "baudrate",
             "profile",
@@ -702,6 +818,7 @@ POSITIONS = [
             "vendor_id",
             "product_id",
             "serial",
+            "usb_path",
             "port",
             "baudrate",
             "profile",

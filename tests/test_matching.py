@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,27 @@ CH340 = Device(
     product_id="7523",
 )
 UART = Device(devpath="/devices/platform/serial8250/tty/ttyS0", node="/dev/ttyS0")
+# Two identical serial-less CH340 boards, on ports 1.2 and 1.3 of one hub.
+LEFT_PATH = "pci-0000:00:14.0-usb-0:1.2:1.0"
+RIGHT_PATH = "pci-0000:00:14.0-usb-0:1.3:1.0"
+LEFT = Device(
+    devpath="/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.2/1-1.2:1.0/ttyUSB0/tty/ttyUSB0",
+    node="/dev/ttyUSB0",
+    links=(f"/dev/serial/by-path/{LEFT_PATH}-port0",),
+    vendor_id="1a86",
+    product_id="7523",
+    usb_path=LEFT_PATH,
+    model="CH340 serial converter",
+)
+RIGHT = Device(
+    devpath="/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.3/1-1.3:1.0/ttyUSB1/tty/ttyUSB1",
+    node="/dev/ttyUSB1",
+    links=(f"/dev/serial/by-path/{RIGHT_PATH}-port0",),
+    vendor_id="1a86",
+    product_id="7523",
+    usb_path=RIGHT_PATH,
+    model="CH340 serial converter",
+)
 
 
 def printer(**kw: object) -> PrinterConfig:
@@ -58,6 +80,18 @@ def printer(**kw: object) -> PrinterConfig:
         (printer(known_boards=True), MK3, True),
         (printer(known_boards=True), CH340, True),
         (printer(known_boards=True), UART, False),
+        (printer(vendor_id="1a86", usb_path=LEFT_PATH), LEFT, True),
+        (printer(vendor_id="1a86", usb_path=LEFT_PATH), RIGHT, False),
+        (printer(vendor_id="1a86", usb_path=RIGHT_PATH), RIGHT, True),
+        (printer(vendor_id="1a86", usb_path=RIGHT_PATH), LEFT, False),
+        (printer(vendor_id="1a86", product_id="7523", usb_path=LEFT_PATH), LEFT, True),
+        (printer(vendor_id="1a86", product_id="0001", usb_path=LEFT_PATH), LEFT, False),
+        (printer(vendor_id="2c99", usb_path=LEFT_PATH), LEFT, False),
+        (printer(vendor_id="1a86", usb_path=LEFT_PATH), CH340, False),  # no ID_PATH known
+        (printer(vendor_id="1a86"), LEFT, True),
+        (printer(vendor_id="1a86"), RIGHT, True),
+        (printer(vendor_id="1a86", serial="X", usb_path=LEFT_PATH), LEFT, False),
+        (printer(port="/dev/ttyUSB1", vendor_id="1a86", usb_path=LEFT_PATH), RIGHT, True),
     ],
 )
 def test_printer_matches(config: PrinterConfig, device: Device, matches: bool) -> None:
@@ -72,6 +106,13 @@ def test_matching_printers_returns_every_claim_in_config_order() -> None:
     assert matching_printers([c], UART) == []
 
 
+def test_each_identical_board_is_claimed_by_its_own_printer_only() -> None:
+    left = PrinterConfig(name="left", octoprint=OCTOPRINT, vendor_id="1a86", usb_path=LEFT_PATH)
+    right = PrinterConfig(name="right", octoprint=OCTOPRINT, vendor_id="1a86", usb_path=RIGHT_PATH)
+    assert [p.name for p in matching_printers([left, right], LEFT)] == ["left"]
+    assert [p.name for p in matching_printers([left, right], RIGHT)] == ["right"]
+
+
 @pytest.mark.parametrize(
     ("device", "expected"),
     [
@@ -82,6 +123,27 @@ def test_matching_printers_returns_every_claim_in_config_order() -> None:
         ),
         (CH340, '[[printer]]\nname = "ttyusb0"\nvendor_id = "1a86"\nproduct_id = "7523"'),
         (UART, '[[printer]]\nname = "ttys0"\nport = "/dev/ttyS0"'),
+        (
+            LEFT,
+            '[[printer]]\nname = "ch340-serial-converter-ttyusb0"\nvendor_id = "1a86"\n'
+            f'product_id = "7523"\nusb_path = "{LEFT_PATH}"',
+        ),
+        (
+            # A serial number is enough: the USB path would tie the printer to a port.
+            Device(
+                devpath="/d",
+                node="/dev/ttyACM0",
+                vendor_id="2c99",
+                serial="CZPX1",
+                usb_path=LEFT_PATH,
+            ),
+            '[[printer]]\nname = "ttyacm0"\nvendor_id = "2c99"\nserial = "CZPX1"',
+        ),
+        (
+            # No vendor id: usb_path would need one, so the port names the device.
+            Device(devpath="/d", node="/dev/ttyS1", usb_path="platform-serial8250"),
+            '[[printer]]\nname = "ttys1"\nport = "/dev/ttyS1"',
+        ),
     ],
 )
 def test_stanza_is_ready_to_paste(device: Device, expected: str) -> None:
@@ -91,12 +153,34 @@ def test_stanza_is_ready_to_paste(device: Device, expected: str) -> None:
 
 
 def test_stanza_round_trips_through_the_config_parser_and_matches(tmp_path: object) -> None:
-    from pathlib import Path
-
-    for device in (MK3, CH340, UART):
+    for device in (MK3, CH340, UART, LEFT, RIGHT):
         text = stanza_for(device, suggested_name(device))
         config = parse_config(text, Path("/etc/reconnectd/reconnectd.toml"))
         assert printer_matches(config.printers[0], device)
+        assert config.printers[0].usb_path == (device.usb_path if not device.serial else None)
+
+
+def test_stanzas_of_two_identical_boards_differ_and_each_claims_its_own_board() -> None:
+    assert stanza_for(LEFT, "p") != stanza_for(RIGHT, "p")
+    names = [suggested_name(LEFT), suggested_name(RIGHT)]
+    assert names == ["ch340-serial-converter-ttyusb0", "ch340-serial-converter-ttyusb1"]
+    # Both stanzas pasted as `reconnectd devices` prints them make a valid config.
+    text = "\n".join(stanza_for(device, suggested_name(device)) for device in (LEFT, RIGHT))
+    config = parse_config(text, Path("/etc/reconnectd/reconnectd.toml"))
+    assert [p.usb_path for p in config.printers] == [LEFT_PATH, RIGHT_PATH]
+    assert [p.name for p in matching_printers(config.printers, LEFT)] == [names[0]]
+    assert [p.name for p in matching_printers(config.printers, RIGHT)] == [names[1]]
+
+
+@pytest.mark.parametrize(
+    "usb_path",
+    [pytest.param("", id="empty"), pytest.param("a b", id="space"), pytest.param("a\n", id="nl")],
+)
+def test_stanza_leaves_out_a_usb_path_the_config_would_refuse(usb_path: str) -> None:
+    odd = Device(devpath="/d", node="/dev/ttyUSB9", vendor_id="1a86", usb_path=usb_path)
+    stanza = stanza_for(odd, "odd")
+    assert "usb_path" not in stanza
+    parse_config(stanza, Path("/etc/reconnectd/reconnectd.toml"))
 
 
 def test_stanza_escapes_quotes_in_serials() -> None:
