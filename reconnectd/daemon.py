@@ -43,6 +43,7 @@ from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.octoprint_state import CommandResult, ReadResult, Unreachable
+from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import state_dir, status_path, summary_line
 from reconnectd.workers import RequestWorkers
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 EXIT_UNAVAILABLE = 69  # sysexits.h: a service we need (udev's netlink) is not there
+# udevd's control socket: libudev's own test for "udevd is running".
+UDEV_CONTROL = "/run/udev/control"
 
 
 class DeviceSource(Protocol):
@@ -91,6 +94,8 @@ class _Printer:
     core: PrinterCore
     api: OctoPrint
     devpath: str | None = None  # the device it owns now
+    static: bool = False  # that device was found behind a static node, not by udev
+    next_static_check: float | None = None
 
 
 def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
@@ -121,6 +126,7 @@ class Daemon:
         dry_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        sys_root: str = SYS_ROOT,
     ) -> None:
         env = os.environ if environ is None else environ
         self._config = config
@@ -129,6 +135,7 @@ class Daemon:
         self._notifier = notifier
         self._reload_config = reload_config or (lambda: load_config(None, env))
         self._dry_run = dry_run
+        self._sys_root = sys_root
         self._clock = clock
         self._wall_clock = wall_clock
         self._status_path = status_path(env)
@@ -158,16 +165,23 @@ class Daemon:
             self._selector.register(self._workers.fileno(), selectors.EVENT_READ, self._on_results)
             try:
                 present = self._source.start()
+                self._selector.register(self._source.fileno(), selectors.EVENT_READ, self._on_udev)
             except OSError as error:
-                log.error("cannot listen to udev for device events: %s", error)
-                return EXIT_UNAVAILABLE
-            self._selector.register(self._source.fileno(), selectors.EVENT_READ, self._on_udev)
+                if not _static_printers(self._config):
+                    log.error("cannot listen to udev for device events: %s", error)
+                    return EXIT_UNAVAILABLE
+                log.warning(
+                    "cannot listen to udev for device events (%s): running on polling only",
+                    error,
+                )
+                present = []
             self._log_start()
             memory = self._load_memory()
             self._apply_config(self._config, memory)
             now = self._clock()
             for device in present:
                 self._on_device_event(DeviceAdded(device, enumerated=True), now)
+            self._check_static_nodes(now, at_start=True)
             self._after_wake()
             self._notifier.ready(self._summary())
             interval = self._notifier.watchdog_interval
@@ -191,6 +205,7 @@ class Daemon:
 
     def _select_timeout(self) -> float | None:
         deadlines = [p.core.deadline for p in self._printers.values()]
+        deadlines += [p.next_static_check for p in self._printers.values()]
         deadlines.append(self._next_watchdog)
         pending = [d for d in deadlines if d is not None]
         if not pending:
@@ -204,6 +219,7 @@ class Daemon:
             self._notifier.watchdog_ping()
             interval = self._notifier.watchdog_interval
             self._next_watchdog = None if interval is None else now + interval
+        self._check_static_nodes(now)
         for printer in list(self._printers.values()):
             deadline = printer.core.deadline
             if deadline is not None and deadline <= now:
@@ -246,6 +262,7 @@ class Daemon:
             gone = self._owner_of(event.devpath)
             if gone is not None:
                 gone.devpath = None
+                gone.static = False
                 self._execute(gone, gone.core.device_removed(now))
             return
         device = event.device
@@ -255,6 +272,33 @@ class Daemon:
             return
         printer.devpath = device.devpath
         self._execute(printer, printer.core.device_added(device, now, enumerated=event.enumerated))
+
+    def _check_static_nodes(self, now: float, *, at_start: bool = False) -> None:
+        """Look behind each polled printer's static node (``port``) in sysfs.
+
+        No udev event comes for a node made with mknod in a container: presence is
+        read from sysfs once per poll period, and changes become the same device
+        events udev would have sent. A device that udev reports is left to udev.
+        """
+        for printer in list(self._printers.values()):
+            port, poll = printer.config.port, printer.config.poll
+            if port is None or poll <= 0:
+                continue
+            due = printer.next_static_check
+            if not at_start and due is not None and now < due:
+                continue
+            printer.next_static_check = now + poll
+            if printer.devpath is not None and not printer.static:
+                continue
+            device = node_device(port, self._sys_root)
+            current = self._present.get(printer.devpath) if printer.devpath else None
+            if current is not None and (device is None or device.instance != current.instance):
+                self._on_device_event(DeviceRemoved(current.devpath), now)
+                current = None
+            if device is not None and current is None:
+                self._on_device_event(DeviceAdded(device, enumerated=at_start), now)
+                if printer.devpath == device.devpath:
+                    printer.static = True
 
     def _owner_of(self, devpath: str) -> _Printer | None:
         for printer in self._printers.values():
@@ -457,6 +501,21 @@ class Daemon:
                 ", ".join(p.name for p in config.printers) or "none",
                 " (dry run: no connect or disconnect is sent)" if self._dry_run else "",
             )
+        if not os.path.exists(UDEV_CONTROL):
+            polled = _static_printers(config)
+            if polled:
+                log.info(
+                    "udevd is not running here (no %s): running on polling only; "
+                    "%s found behind their static nodes once per poll period",
+                    UDEV_CONTROL,
+                    ", ".join(polled),
+                )
+            else:
+                log.warning(
+                    "udevd is not running here (no %s): without its events, only a "
+                    "printer with port and poll set can be found, and none is",
+                    UDEV_CONTROL,
+                )
         for printer in config.printers:
             if printer.octoprint.api_key is None:
                 log.warning(
@@ -471,6 +530,11 @@ class Daemon:
             printer.api.close()
         self._source.close()
         self._selector.close()
+
+
+def _static_printers(config: Config) -> list[str]:
+    """Given a config, return the printers found by polling a static node."""
+    return [p.name for p in config.printers if p.port is not None and p.poll > 0]
 
 
 def _bind_connect(api: OctoPrint, action: Connect) -> Callable[[], CommandResult]:

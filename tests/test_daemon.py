@@ -452,3 +452,77 @@ def test_udev_unavailable_is_one_clear_error_and_exit_69(
     assert daemon.run() == 69
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["cannot listen to udev for device events: [Errno 1] Operation not permitted"]
+
+
+def test_static_node_in_a_container_runs_on_polling_only(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """LXC: a mknod node, no udevd, no netlink; presence comes from sysfs alone."""
+    from tests.test_static_nodes import MAJOR, MINOR, plug, unplug
+
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    caplog.set_level(logging.INFO, logger="reconnectd")
+    node = tmp_path / "ttyACM0"
+    os.mknod(node, 0o660 | 0o020000, os.makedev(MAJOR, MINOR))
+    sys_root = tmp_path / "sys"
+    (sys_root / "dev" / "char").mkdir(parents=True)
+    octoprint = FakeOctoPrint(ports=(str(node),))
+    settings = config()
+    static = PrinterConfig(
+        name="lxc", octoprint=settings.octoprint, port=str(node), poll=0.2, settle=0.05
+    )
+    daemon = Daemon(
+        Config(source=settings.source, octoprint=settings.octoprint, printers=(static,)),
+        source=DeafSource([]),
+        api_factory=lambda _: octoprint,
+        notifier=Notifier(runtime),
+        environ=runtime,
+        sys_root=str(sys_root),
+    )
+    status = Path(runtime["RUNTIME_DIRECTORY"]) / "status.json"
+
+    def row() -> dict[str, object]:
+        if not status.exists():
+            return {}
+        rows = json.loads(status.read_text())["printers"]
+        assert isinstance(rows, list)
+        first = rows[0]
+        assert isinstance(first, dict)
+        return first
+
+    def scenario() -> None:
+        wait_until(lambda: row().get("state") == "absent", "the daemon up")
+        time.sleep(0.6)  # three poll periods with nothing behind the node
+        assert octoprint.connects == [], "never connect to a node with no device behind it"
+        plug(sys_root, devnum=5)
+        wait_until(lambda: octoprint.connects == [str(node)], "the connect once it appears")
+        wait_until(lambda: row().get("state") == "operational", "operational")
+        octoprint.set("Closed", VANISHED_TEXT)
+        unplug(sys_root)
+        wait_until(lambda: row().get("state") == "absent", "absent once it vanished")
+        plug(sys_root, devnum=6)
+        wait_until(lambda: len(octoprint.connects) == 2, "the connect once it is back")
+
+    failure: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            scenario()
+        except BaseException as error:
+            failure.append(error)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert daemon.run() == 0
+    driver.join(10)
+    if failure:
+        raise failure[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("running on polling only" in m for m in messages)
+    assert octoprint.connects == [str(node), str(node)]
+
+
+VANISHED_TEXT = "SerialException: device reports readiness to read but returned no data"
