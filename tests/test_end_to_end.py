@@ -154,7 +154,11 @@ def session_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
         instance = OctoPrintInstance(
             workdir / "octoprint",
             env=testbed.env,
-            additional_ports=["/dev/serial/by-id/*", f"{stuck_dir}/ttySTUCK*"],
+            additional_ports=[
+                "/dev/serial/by-id/*",
+                f"{stuck_dir}/ttySTUCK*",
+                f"{stuck_dir}/ttyLXC*",
+            ],
         )
         with instance:
             yield Bench(testbed, instance, workdir, stuck_node)
@@ -412,6 +416,64 @@ def test_polled_port_that_never_vanishes_is_reconnected_when_the_printer_answers
     log = daemon.log()
     assert "OctoPrint lost the printer (Too many consecutive timeouts" in log
     assert log.count("WARNING") <= 2, "a run of failures is logged once, not per attempt"
+
+
+def test_static_node_in_a_container_is_connected_only_while_a_device_is_behind_it(
+    bench: Bench,
+) -> None:
+    """LXC: OctoPrint and reconnectd see a node made with mknod, which stays whether
+    or not the printer is attached; only sysfs tells, and no udev event concerns it."""
+    serial = new_serial()
+    plugged, marlin = bench.plug(serial)
+    # The container's static node, made once and never removed. In the testbed's
+    # /dev (which is /dev for reconnectd and OctoPrint) a character node is what
+    # umockdev emulates: a link to the pty behind the printer, and its device number
+    # as the target of a link in dev/.node. A ttyACM name far above the testbed's
+    # own, which OctoPrint's port scan lists.
+    n = next(_serials)
+    name = f"ttyACM9{n}"
+    number = f"166:{900 + n}"
+    node = bench.testbed.root / "dev" / name
+    node.symlink_to(os.path.realpath(bench.testbed.root / plugged.node.lstrip("/")))
+    node_number = bench.testbed.root / "dev" / ".node" / name
+    node_number.symlink_to(number)
+    sys_link = bench.testbed.root / "sys" / "dev" / "char" / number
+    config = (
+        "[octoprint]\n"
+        f'url = "{bench.octoprint.url}"\n'
+        f'api_key = "{bench.octoprint.api_key}"\n\n'
+        "[[printer]]\n"
+        'name = "lxc"\n'
+        f'port = "/dev/{name}"\n'
+        "poll = 5\n"
+        f"settle = {SETTLE}\n"
+    )
+    try:
+        with DaemonProcess(bench.workdir / "lxc", config, env=bench.testbed.env) as daemon:
+            daemon.wait_for_printer("lxc", lambda r: r["state"] == "absent", "absent")
+            stays(bench, "Closed", 6.0)  # more than a poll period: nothing behind the node
+            assert daemon.printer("lxc")["connects"] == 0
+            attached = time.monotonic()
+            sys_link.symlink_to("../../" + plugged.devpath.lstrip("/"))  # the printer attached
+            wait_operational(bench, timeout=30)
+            took = time.monotonic() - attached
+            assert bench.port() == f"/dev/{name}"
+            row = daemon.wait_for_printer("lxc", lambda r: r["state"] == "operational", "op")
+            assert row["connects"] == 1
+            assert took <= 5 + SETTLE + 3, f"Operational {took:.1f} s after the device appeared"
+            # Detached again: OctoPrint loses the line, and reconnectd makes no attempt
+            # at a node with nothing behind it.
+            marlin.vanish()
+            sys_link.unlink()
+            bench.octoprint.wait_for_state("Closed", 10)
+            daemon.wait_for_printer("lxc", lambda r: r["state"] == "absent", "absent again")
+            stays(bench, "Closed", 6.0)
+            assert daemon.printer("lxc")["connects"] == 1
+    finally:
+        if sys_link.is_symlink():
+            sys_link.unlink()
+        node.unlink()
+        node_number.unlink()
 
 
 # --- the service contract, against the real process --------------------------------
