@@ -197,6 +197,13 @@ class OctoPrintInstance:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """Return the server's process id while it runs (to signal it), else None."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
     def _write_basedir(self) -> None:
         self.basedir.mkdir(parents=True, exist_ok=True)
         config = {
