@@ -363,6 +363,10 @@ class PrinterCore:
         self._opening_since = None
         self._recovering = False
         was_attempt = self._attempt is not None
+        # Right after the device came back, a connection we did not make is more
+        # likely OctoPrint not yet noticing the old port died (it was busy or hung)
+        # than someone connecting the new one: look once more to be sure.
+        unconfirmed = self._fresh and not was_attempt
         self._note_connection()
         if self.holds:
             self.holds = []
@@ -370,6 +374,9 @@ class PrinterCore:
         self._reset_attempts()
         self.state = State.OPERATIONAL if view.phase == Phase.OPERATIONAL else State.BUSY
         self._watch(now)
+        if unconfirmed:
+            again = now + CONFIRM_CAP
+            self._deadline = again if self._deadline is None else min(self._deadline, again)
         if was_attempt:
             actions.append(self._decided(now, "connected", f"OctoPrint is {view.state}"))
         elif (self.decision, self.reason) not in (

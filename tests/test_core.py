@@ -307,6 +307,9 @@ def test_connected_octoprint_is_left_alone(state: str) -> None:
     b.add()
     b.advance(1)
     assert b.answer(view(state)) == []
+    # A connection right after the device appeared is confirmed by one more look.
+    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()]
+    assert b.answer(view(state)) == []
     assert b.core.deadline is None
     assert b.advance(3600) == []
     assert b.connects() == [] and not any(isinstance(r, Disconnect) for r in b.requests)
@@ -320,6 +323,28 @@ def test_closing_after_an_error_is_looked_at_again_soon_then_connected() -> None
     assert b.answer(view("Offline after error", error=VANISHED)) == []
     assert b.advance(0.5) == [ReadOctoPrint()], "closing takes milliseconds: look again soon"
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
+
+
+def test_connection_seen_right_after_a_return_is_checked_once_more() -> None:
+    """A hung OctoPrint may still report the dead old port as Operational."""
+    b = connected_bench()
+    b.remove()
+    b.add(REPLUGGED)
+    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.answer(OPERATIONAL) == [], "hands off while it says Operational"
+    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()], "but look once more"
+    assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
+
+
+def test_a_confirmed_connection_after_a_return_is_left_alone() -> None:
+    b = connected_bench()
+    b.remove()
+    b.add(REPLUGGED)
+    b.advance(1)
+    b.answer(OPERATIONAL)
+    b.advance(CONFIRM_CAP)
+    assert b.answer(OPERATIONAL) == []
+    assert b.core.deadline is None, "confirmed: no more requests"
 
 
 @pytest.mark.parametrize("state", ["Connecting", "Detecting serial connection", "Error"])
