@@ -454,7 +454,9 @@ class Daemon:
                 if not self._status_failed:
                     log.warning("cannot write the status file %s: %s", self._status_path, error)
                 self._status_failed = True
-            self._notifier.status(self._summary())
+        # On every wake-up: the notifier sends only a changed line, and one that did
+        # not fit in systemd's full queue last time is sent again now.
+        self._notifier.status(self._summary(printers))
 
     def _printer_status(self) -> list[dict[str, object]]:
         now, wall = self._clock(), self._wall_clock()
@@ -481,8 +483,8 @@ class Daemon:
             )
         return rows
 
-    def _summary(self) -> str:
-        return summary_line(self._printer_status())
+    def _summary(self, printers: list[dict[str, object]] | None = None) -> str:
+        return summary_line(self._printer_status() if printers is None else printers)
 
     def _log_start(self) -> None:
         config = self._config

@@ -24,9 +24,6 @@ from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
-# A full queue on systemd's side must not stall the main loop for long: the loop
-# is also what pings the watchdog.
-SEND_TIMEOUT = 1.0
 
 _NEWLINES = re.compile(r"\s*[\r\n]+\s*")
 
@@ -141,7 +138,10 @@ class Notifier:
         try:
             if self._socket is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                sock.settimeout(SEND_TIMEOUT)
+                # Never wait for systemd: the loop that sends is also the loop that
+                # pings the watchdog and serves every printer. A message that does not
+                # fit in a full queue fails at once (and a status is sent again).
+                sock.setblocking(False)
                 self._socket = sock
             # sendto() every time rather than connect() once: systemd may be
             # re-executed (daemon-reexec) and bind its socket anew.

@@ -203,3 +203,31 @@ def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> N
     pid = os.getpid()
     env = {k: v.format(pid=pid, other=pid + 1) for k, v in environ.items()}
     assert Notifier(env).watchdog_interval == expected
+
+
+def test_a_full_notify_queue_never_blocks_and_the_status_is_sent_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd slow to read: sends fail at once instead of stalling the main loop."""
+    path = tmp_path / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    started = time.monotonic()
+    for n in range(2000):  # far more than an unread datagram queue holds
+        notifier.status(f"printer {n}")
+    assert time.monotonic() - started < 1.0, "sending must not wait for systemd"
+    full = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
+    # The queue filled (so the re-send below is real), and that was logged once per
+    # run of failures, never once per failed message.
+    assert 1 <= len(full) <= 10, len(full)
+    receiver.setblocking(False)
+    while True:  # systemd catches up
+        try:
+            receiver.recv(65536)
+        except BlockingIOError:
+            break
+    notifier.status("printer 1999")  # the same line again: it did not get through before
+    receiver.settimeout(2.0)
+    assert receiver.recv(65536) == b"STATUS=printer 1999"
+    receiver.close()
