@@ -526,3 +526,24 @@ def test_static_node_in_a_container_runs_on_polling_only(
 
 
 VANISHED_TEXT = "SerialException: device reports readiness to read but returned no data"
+
+
+def test_two_entries_claiming_one_device_are_warned_about_by_name(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    octoprint_config = config().octoprint
+    loose = PrinterConfig(name="any-prusa", octoprint=octoprint_config, vendor_id="2c99")
+    exact = PrinterConfig(
+        name="mk3s", octoprint=octoprint_config, vendor_id="2c99", serial="CZPX1", settle=0.05
+    )
+    both = Config(source=config().source, octoprint=octoprint_config, printers=(loose, exact))
+
+    def scenario(run: Run) -> None:
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+
+    run_daemon(tmp_path, runtime, scenario, present=[device(0)], first_config=both)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "/dev/ttyACM0 matches several printers: any-prusa, mk3s; it goes to any-prusa" in w
+        for w in warnings
+    ), warnings
