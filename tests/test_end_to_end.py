@@ -25,28 +25,15 @@ import requests
 
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
-from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
-from tests.support.testbed import Plugged, Testbed, unavailable_reason
+from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.real import require_umockdev_and_octoprint
+from tests.support.testbed import Plugged, Testbed
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
 SETTLE = 0.5
 REPO = Path(__file__).resolve().parents[1]
 _serials = itertools.count(1)
-
-
-def _require_real() -> None:
-    """Skip when umockdev or OctoPrint is missing, unless the run demands them (CI)."""
-    problems = []
-    reason = unavailable_reason()
-    if reason:
-        problems.append(reason)
-    if not Path(octoprint_bin()).exists():
-        problems.append(f"no OctoPrint at {octoprint_bin()} (tests/bootstrap installs it)")
-    if problems:
-        if os.environ.get("RECONNECTD_REQUIRE_REAL") == "1":
-            pytest.fail("; ".join(problems))
-        pytest.skip("; ".join(problems))
 
 
 @dataclass
@@ -142,7 +129,7 @@ class Bench:
 
 @pytest.fixture(scope="module")
 def session_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
-    _require_real()
+    require_umockdev_and_octoprint()
     workdir = tmp_path_factory.mktemp("e2e")
     stuck_dir = workdir / "static"
     stuck_dir.mkdir()

@@ -25,8 +25,9 @@ import pytest
 
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
-from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
-from tests.support.testbed import Plugged, Testbed, unavailable_reason
+from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.real import require_umockdev_and_octoprint
+from tests.support.testbed import Plugged, Testbed
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
@@ -39,20 +40,6 @@ NAMES = ("mk3-a", "mk3-b", "mk3-c")
 USB_PORTS = ("1-1", "1-2", "1-3")
 DOWN = 2  # the index of the printer whose OctoPrint goes down
 _serials = itertools.count(1)
-
-
-def _require_real() -> None:
-    """Skip when umockdev or OctoPrint is missing, unless the run demands them (CI)."""
-    problems = []
-    reason = unavailable_reason()
-    if reason:
-        problems.append(reason)
-    if not Path(octoprint_bin()).exists():
-        problems.append(f"no OctoPrint at {octoprint_bin()} (tests/bootstrap installs it)")
-    if problems:
-        if os.environ.get("RECONNECTD_REQUIRE_REAL") == "1":
-            pytest.fail("; ".join(problems))
-        pytest.skip("; ".join(problems))
 
 
 @dataclass
@@ -169,7 +156,7 @@ def _start_all(instances: list[OctoPrintInstance]) -> None:
 
 @pytest.fixture(scope="module")
 def module_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    _require_real()
+    require_umockdev_and_octoprint()
     workdir = tmp_path_factory.mktemp("many")
     with Testbed(workdir / "testbed") as testbed, contextlib.ExitStack() as stack:
         instances = [

@@ -33,8 +33,9 @@ import pytest
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
 from tests.support.fake_octoprint import OPERATIONAL, FakeOctoPrint, ports_under, printer_under
-from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
-from tests.support.testbed import Plugged, Testbed, unavailable_reason
+from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.real import missing, require_umockdev_and_octoprint
+from tests.support.testbed import Plugged, Testbed
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
@@ -45,25 +46,6 @@ BOUND = SETTLE + 2.0  # from the last replug to every printer Operational
 # Waiting longer than the bounds only makes a failure say more than "timed out".
 WAIT = 30.0
 POLL = 0.02
-
-
-def _missing(what: str) -> None:
-    """Skip for want of ``what``, or fail if the run demands everything real (CI)."""
-    if os.environ.get("RECONNECTD_REQUIRE_REAL") == "1":
-        pytest.fail(what)
-    pytest.skip(what)
-
-
-def _require_real() -> None:
-    """Skip when umockdev or OctoPrint is missing, unless the run demands them (CI)."""
-    problems = []
-    reason = unavailable_reason()
-    if reason:
-        problems.append(reason)
-    if not Path(octoprint_bin()).exists():
-        problems.append(f"no OctoPrint at {octoprint_bin()} (tests/bootstrap installs it)")
-    if problems:
-        _missing("; ".join(problems))
 
 
 def _mount_tmpfs() -> str | None:
@@ -106,7 +88,7 @@ def hub_testbed(workdir: Path) -> Iterator[Testbed]:
     """
     mount = _mount_tmpfs()
     if mount is None:
-        _missing("root, to mount a tmpfs for the testbed (on disk 16 replugs take 0.6-2 s)")
+        missing("root, to mount a tmpfs for the testbed (on disk 16 replugs take 0.6-2 s)")
     assert mount is not None
     saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = mount
@@ -254,7 +236,7 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, daemon: Dae
 
 @pytest.fixture
 def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
-    _require_real()
+    require_umockdev_and_octoprint()
     real_first: bool = request.param
     tag = f"{os.getpid()}X{time.monotonic_ns() % 100000:05d}"
     with hub_testbed(tmp_path) as testbed, contextlib.ExitStack() as stack:
