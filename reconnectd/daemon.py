@@ -13,7 +13,6 @@ and ``STATUS=`` when something changed.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import selectors
@@ -44,7 +43,7 @@ from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.octoprint_state import CommandResult, ReadResult, Unreachable
 from reconnectd.static_nodes import SYS_ROOT, node_device
-from reconnectd.status import state_dir, status_path, summary_line
+from reconnectd.status import iso_utc, state_dir, status_path, summary_line
 from reconnectd.workers import RequestWorkers
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ class Daemon:
         self._saved_memory: dict[str, dict[str, object]] | None = None
         self._written_status: list[dict[str, object]] | None = None
         self._status_failed = False
-        self._started = _iso(wall_clock())
+        self._started = iso_utc(wall_clock())
         self._unmatched_warned: set[str] = set()
 
     # --- the loop -------------------------------------------------------------
@@ -443,7 +442,7 @@ class Daemon:
                 "version": 1,
                 "pid": os.getpid(),
                 "started": self._started,
-                "updated": _iso(self._wall_clock()),
+                "updated": iso_utc(self._wall_clock()),
                 "dry_run": self._dry_run,
                 "printers": printers,
             }
@@ -466,7 +465,7 @@ class Daemon:
             state = core.state.value
             if core.state == State.HELD and core.holds:
                 state = f"holding after {core.holds[0].kind.value}"
-            at = None if core.decided_at is None else _iso(wall - (now - core.decided_at))
+            at = None if core.decided_at is None else iso_utc(wall - (now - core.decided_at))
             rows.append(
                 {
                     "name": name,
@@ -541,11 +540,6 @@ def _static_printers(config: Config) -> list[str]:
 
 def _bind_connect(api: OctoPrint, action: Connect) -> Callable[[], CommandResult]:
     return lambda: api.connect(action.port, action.baudrate, action.profile)
-
-
-def _iso(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _route_signals_to_socket() -> tuple[socket.socket, Callable[[], None]]:
