@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ import requests
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
 from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.printers import SimulatedPrinters
 from tests.support.real import require_umockdev_and_octoprint
 from tests.support.testbed import Plugged, Testbed
 
@@ -44,47 +45,18 @@ class Bench:
     octoprint: OctoPrintInstance
     workdir: Path
     stuck_node: Path
-    plugged: list[Plugged] = field(default_factory=list)
-    marlins: list[FakeMarlin] = field(default_factory=list)
-    # devpath -> the FakeMarlin that owns (and closes) that device's pty master
-    owners: dict[str, FakeMarlin] = field(default_factory=dict)
+    printers: SimulatedPrinters
 
     def plug(self, serial: str, *, silent: bool = False) -> tuple[Plugged, FakeMarlin]:
         """Switch the printer on: its USB device appears and its firmware answers."""
-        plugged = self.testbed.plug("prusa_mk3", serial=serial)
-        marlin = FakeMarlin(plugged.master_fd)
-        if silent:
-            marlin.go_silent()
-        self.plugged.append(plugged)
-        self.marlins.append(marlin)
-        self.owners[plugged.devpath] = marlin
+        plugged, marlin = self.printers.switch_on(serial, silent=silent)
+        assert marlin is not None
         return plugged, marlin
 
-    def unplug(self, plugged: Plugged, marlin: FakeMarlin) -> None:
-        """Switch the printer off: the firmware goes, the USB device vanishes."""
-        marlin.vanish()
-        marlin.stop()
-        self.testbed.unplug(plugged, close_master=False)
-        self.plugged.remove(plugged)
-        del self.owners[plugged.devpath]
-
-    def clear(self) -> None:
-        """Unplug whatever a test left plugged; each master is closed by its one owner."""
-        for plugged in self.plugged:
-            marlin = self.owners.pop(plugged.devpath, None)
-            if marlin is None:
-                self.testbed.unplug(plugged)
-            else:
-                marlin.stop()
-                self.testbed.unplug(plugged, close_master=False)
-        self.plugged.clear()
-        for marlin in self.marlins:
-            marlin.stop()
-        self.marlins.clear()
-
-    def power_cycle(self, plugged: Plugged, marlin: FakeMarlin) -> tuple[Plugged, FakeMarlin]:
+    def power_cycle(self, plugged: Plugged) -> tuple[Plugged, FakeMarlin]:
+        """Switch the printer off and on: it comes back under a new node."""
         assert plugged.serial is not None
-        self.unplug(plugged, marlin)
+        self.printers.switch_off(plugged)
         return self.plug(plugged.serial)
 
     def config(
@@ -144,11 +116,10 @@ def session_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
             additional_ports=[
                 "/dev/serial/by-id/*",
                 f"{stuck_dir}/ttySTUCK*",
-                f"{stuck_dir}/ttyLXC*",
             ],
         )
         with instance:
-            yield Bench(testbed, instance, workdir, stuck_node)
+            yield Bench(testbed, instance, workdir, stuck_node, SimulatedPrinters(testbed))
 
 
 @pytest.fixture
@@ -158,7 +129,7 @@ def bench(session_bench: Bench) -> Iterator[Bench]:
     if not session_bench.octoprint.running:
         session_bench.octoprint.start()
     session_bench.octoprint.reset()
-    session_bench.clear()
+    session_bench.printers.clear()
 
 
 def new_serial() -> str:
@@ -183,10 +154,10 @@ def stays(bench: Bench, state: str, seconds: float) -> None:
 def test_power_cycle_is_reconnected_once_to_the_by_id_link(bench: Bench) -> None:
     serial = new_serial()
     with bench.daemon("power-cycle", serial) as daemon:
-        plugged, marlin = bench.plug(serial)
+        plugged, _marlin = bench.plug(serial)
         wait_operational(bench)
         assert bench.port() == plugged.by_id
-        plugged2, marlin2 = bench.power_cycle(plugged, marlin)
+        plugged2, marlin2 = bench.power_cycle(plugged)
         assert plugged2.node != plugged.node, "the kernel gives a replugged device a new node"
         started = time.monotonic()
         bench.octoprint.wait_for_state("Operational", 30)
@@ -210,16 +181,17 @@ def test_power_cycle_is_reconnected_once_to_the_by_id_link(bench: Bench) -> None
 def test_burst_of_events_leads_to_one_connect(bench: Bench) -> None:
     serial = new_serial()
     with bench.daemon("burst", serial, settle=1.5) as daemon:
-        plugged, marlin = bench.plug(serial)
+        plugged, _ = bench.plug(serial)
         wait_operational(bench)
         for _ in range(4):  # a flaky cable: the device bounces
-            plugged, marlin = bench.power_cycle(plugged, marlin)
+            plugged, _ = bench.power_cycle(plugged)
         wait_operational(bench)
         row = daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
         time.sleep(2 * 1.5)  # longer than the settle window: nothing more may follow
         row = daemon.printer("mk3s")
         assert row["connects"] == 2, "one connect for the first plug, one for the whole burst"
-        assert [m.opens for m in bench.marlins[1:-1]] == [0, 0, 0], "bounced devices untouched"
+        bounced = bench.printers.marlins[1:-1]
+        assert [m.opens for m in bounced] == [0, 0, 0], "bounced devices untouched"
 
 
 # --- behaviour 3: nothing is sent while OctoPrint is connected, printing or paused --
@@ -259,7 +231,7 @@ def test_manual_disconnect_is_respected_across_reload_and_restart(bench: Bench) 
     serial = new_serial()
     daemon = bench.daemon("manual", serial)
     with daemon:
-        plugged, marlin = bench.plug(serial)
+        plugged, _marlin = bench.plug(serial)
         wait_operational(bench)
         daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
         bench.octoprint.disconnect()  # the user clicks Disconnect
@@ -274,7 +246,7 @@ def test_manual_disconnect_is_respected_across_reload_and_restart(bench: Bench) 
             "mk3s", lambda r: r["state"] == "holding after manual disconnect", "the hold"
         )
         stays(bench, "Closed", 2.0)
-        bench.power_cycle(plugged, marlin)  # switched off and on: connect again
+        bench.power_cycle(plugged)  # switched off and on: connect again
         wait_operational(bench)
         row = again.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
         assert row["holds"] == []
@@ -298,7 +270,7 @@ def test_firmware_fatal_error_is_respected_until_power_cycle(bench: Bench) -> No
         )
         assert "kill() called" in str(row["holds"])
         stays(bench, "Closed", 2.0)
-        bench.power_cycle(plugged, marlin)
+        bench.power_cycle(plugged)
         wait_operational(bench)
     assert "hold: firmware error: " in daemon.log()
 
@@ -502,7 +474,7 @@ def test_sigint_stops_cleanly(bench: Bench) -> None:
 def test_non_printer_tty_is_ignored(bench: Bench) -> None:
     serial = new_serial()
     with bench.daemon("gps", serial) as daemon:
-        bench.plugged.append(bench.testbed.plug("gps", usb_port="1-2"))
+        bench.printers.plug_other("gps", usb_port="1-2")
         plugged, _marlin = bench.plug(serial)
         wait_operational(bench)
         assert bench.port() == plugged.by_id
@@ -531,7 +503,7 @@ def run_command(
 def test_devices_lists_the_printer_with_its_match_and_a_stanza(bench: Bench) -> None:
     serial = new_serial()
     plugged, _marlin = bench.plug(serial)
-    bench.plugged.append(bench.testbed.plug("gps", usb_port="1-2"))
+    bench.printers.plug_other("gps", usb_port="1-2")
     done = run_command(bench, bench.workdir / "devices", bench.config(serial), "devices", "--json")
     assert done.returncode == 0, done.stderr
     rows = {row["node"]: row for row in json.loads(done.stdout)}

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ import pytest
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
 from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.printers import SimulatedPrinters
 from tests.support.real import require_umockdev_and_octoprint
 from tests.support.testbed import Plugged, Testbed
 
@@ -71,44 +72,21 @@ class Rig:
     testbed: Testbed
     slots: list[Slot]
     workdir: Path
-    plugged: list[Plugged] = field(default_factory=list)
-    marlins: list[FakeMarlin] = field(default_factory=list)
-    # devpath -> the FakeMarlin that owns (and closes) that device's pty master
-    owners: dict[str, FakeMarlin] = field(default_factory=dict)
+    printers: SimulatedPrinters
 
     def plug(self, slot: Slot) -> None:
         """Switch the slot's printer on: its USB device appears and its firmware answers."""
-        plugged = self.testbed.plug("prusa_mk3", serial=slot.serial, usb_port=slot.usb_port)
-        marlin = FakeMarlin(plugged.master_fd)
-        self.plugged.append(plugged)
-        self.marlins.append(marlin)
-        self.owners[plugged.devpath] = marlin
-        slot.plugged, slot.marlin = plugged, marlin
+        slot.plugged, slot.marlin = self.printers.switch_on(slot.serial, usb_port=slot.usb_port)
 
     def unplug(self, slot: Slot) -> None:
         """Switch the slot's printer off: the firmware goes, the USB device vanishes."""
-        plugged, marlin = slot.plugged, slot.marlin
-        assert plugged is not None and marlin is not None
-        marlin.vanish()
-        marlin.stop()
-        self.testbed.unplug(plugged, close_master=False)
-        self.plugged.remove(plugged)
-        del self.owners[plugged.devpath]
+        assert slot.plugged is not None
+        self.printers.switch_off(slot.plugged)
         slot.plugged = slot.marlin = None
 
     def clear(self) -> None:
-        """Unplug whatever a test left plugged; each master is closed by its one owner."""
-        for plugged in self.plugged:
-            marlin = self.owners.pop(plugged.devpath, None)
-            if marlin is None:
-                self.testbed.unplug(plugged)
-            else:
-                marlin.stop()
-                self.testbed.unplug(plugged, close_master=False)
-        self.plugged.clear()
-        for marlin in self.marlins:
-            marlin.stop()
-        self.marlins.clear()
+        """Unplug whatever a test left plugged."""
+        self.printers.clear()
         for slot in self.slots:
             slot.plugged = slot.marlin = None
 
@@ -171,7 +149,7 @@ def module_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             stack.callback(instance.__exit__)
         _start_all(instances)
         slots = [Slot(n, p, o) for n, p, o in zip(NAMES, USB_PORTS, instances)]
-        yield Rig(testbed, slots, workdir)
+        yield Rig(testbed, slots, workdir, SimulatedPrinters(testbed))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
 from tests.support.fake_octoprint import OPERATIONAL, FakeOctoPrint, ports_under, printer_under
 from tests.support.octoprint_instance import OctoPrintInstance
+from tests.support.printers import SimulatedPrinters
 from tests.support.real import missing, require_umockdev_and_octoprint
 from tests.support.testbed import Plugged, Testbed
 
@@ -136,44 +137,34 @@ class Slot:
 class Rig:
     testbed: Testbed
     slots: list[Slot]
+    printers: SimulatedPrinters
     real: OctoPrintInstance | None = None
-    # Fake Marlins whose device is gone; each still owns its thread, not its master.
-    retired: list[FakeMarlin] = field(default_factory=list)
 
     def plug(self, slot: Slot) -> None:
-        """The slot's printer appears: a new node and by-id link, firmware answering."""
-        slot.plugged = self.testbed.plug("prusa_mk3", serial=slot.serial, usb_port=slot.usb_port)
-        if slot.fake is None:
-            slot.marlin = FakeMarlin(slot.plugged.master_fd)
+        """The slot's printer appears: a new node and by-id link, firmware answering
+        when the slot's OctoPrint is the real one (a fake needs no firmware)."""
+        slot.plugged, slot.marlin = self.printers.switch_on(
+            slot.serial, usb_port=slot.usb_port, firmware=slot.fake is None
+        )
 
     def unplug(self, slot: Slot) -> None:
-        """The slot's printer loses power: the pty hangs up and the device is removed."""
+        """The slot's printer loses power: the pty hangs up and the device is removed.
+
+        Firmware threads are stopped after the storm (:meth:`stop_retired`), so that
+        all 16 fit in its 200 ms.
+        """
         assert slot.plugged is not None
-        if slot.marlin is None:
-            self.testbed.unplug(slot.plugged)  # closes the master
-        else:
-            slot.marlin.vanish()  # the Marlin closes the master ...
-            self.testbed.unplug(slot.plugged, close_master=False)  # ... so the bench must not
-            self.retired.append(slot.marlin)  # its thread is stopped outside the storm
+        self.printers.switch_off(slot.plugged, stop_thread=False)
         slot.plugged = slot.marlin = None
 
     def stop_retired(self) -> None:
-        for marlin in self.retired:
-            marlin.stop()
-        self.retired.clear()
+        self.printers.stop_retired()
 
     def clear(self) -> None:
         """Unplug what is left; each master is closed once, by its one owner."""
+        self.printers.clear()
         for slot in self.slots:
-            if slot.plugged is None:
-                continue
-            if slot.marlin is None:
-                self.testbed.unplug(slot.plugged)
-            else:
-                slot.marlin.stop()
-                self.testbed.unplug(slot.plugged, close_master=False)
             slot.plugged = slot.marlin = None
-        self.stop_retired()
 
     def config(self) -> str:
         text = "[octoprint]\ntimeout = 5\n"
@@ -259,7 +250,7 @@ def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
                 FakeOctoPrint(ports_under(testbed.root), printer_under(testbed.root))
             )
             slots.append(Slot(name, serial, usb_port, fake.url, fake.api_key, fake))
-        built = Rig(testbed, slots, real)
+        built = Rig(testbed, slots, SimulatedPrinters(testbed), real)
         try:
             yield built
         finally:
