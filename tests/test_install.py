@@ -28,12 +28,34 @@ def install(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def bare_system(root: Path) -> None:
+    """Given an empty dir, give it the account files of a system with only root."""
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (etc / "group").write_text("root:x:0:\n")
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (etc / "gshadow").write_text("root:*::\n")
+    for name in ("shadow", "gshadow"):
+        (etc / name).chmod(0o640)
+
+
+def account(root: Path, file: str, name: str) -> list[str] | None:
+    for line in (root / "etc" / file).read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return fields
+    return None
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
+    bare_system(root)
     done = install(root)
     assert done.returncode == 0, done.stderr
     assert "wrote the example config" in done.stdout
+    assert "made the system user reconnectd" in done.stdout
     return root
 
 
@@ -80,3 +102,42 @@ def test_running_it_again_upgrades_in_place_and_keeps_the_config(installed: Path
     assert done.returncode == 0, done.stderr
     assert "kept the existing config" in done.stdout
     assert config.read_text() == '[[printer]]\nname = "mine"\nvendor_id = "2c99"\n'
+
+
+def test_makes_the_service_user_and_gives_it_the_config_by_group(installed: Path) -> None:
+    user = account(installed, "passwd", "reconnectd")
+    group = account(installed, "group", "reconnectd")
+    assert user is not None and group is not None
+    assert user[3] == group[2], "its primary group is its own"
+    assert user[5:] == ["/nonexistent", "/usr/sbin/nologin"]
+    assert 100 <= int(user[2]) < 1000, "a system uid"
+    gid = int(group[2])
+    etc = installed / "etc/reconnectd"
+    assert (etc.stat().st_gid, etc.stat().st_mode & 0o777) == (gid, 0o750)
+    config = etc / "reconnectd.toml"
+    assert (config.stat().st_uid, config.stat().st_gid) == (0, gid)
+
+
+def test_an_upgrade_from_a_root_service_hands_its_keys_to_the_group(installed: Path) -> None:
+    etc = installed / "etc/reconnectd"
+    key = etc / "octoprint.key"
+    key.write_text("K" * 32 + "\n")
+    key.chmod(0o600)
+    os.chown(key, 0, 0)
+    done = install(installed)
+    assert done.returncode == 0, done.stderr
+    assert f"{key} is now readable by group reconnectd" in done.stdout
+    assert "made the system user" not in done.stdout, "the user exists already"
+    group = account(installed, "group", "reconnectd")
+    assert group is not None
+    assert (key.stat().st_gid, key.stat().st_mode & 0o777) == (int(group[2]), 0o640)
+    lines = (installed / "etc/passwd").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines].count("reconnectd") == 1
+
+
+def test_a_scratch_root_without_accounts_gets_no_user(tmp_path: Path) -> None:
+    done = install(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{tmp_path} has no /etc/passwd; the user reconnectd is not made there" in done.stdout
+    etc = tmp_path / "etc/reconnectd"
+    assert (etc.stat().st_gid, etc.stat().st_mode & 0o777) == (0, 0o750)

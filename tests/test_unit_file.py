@@ -107,7 +107,10 @@ def test_contract_keys() -> None:
 def test_hardening_keeps_what_the_daemon_needs() -> None:
     entries = parse_unit(UNIT.read_text(encoding="utf-8"))
     service = {k: v for s, k, v in entries if s == "Service"}
-    assert "User" not in service and "DynamicUser" not in service
+    # An unprivileged user of its own with no capabilities; its group reads the keys.
+    assert service["User"] == "reconnectd" and service["Group"] == "reconnectd"
+    assert "DynamicUser" not in service
+    assert service["CapabilityBoundingSet"] == "" and service["AmbientCapabilities"] == ""
     families = service["RestrictAddressFamilies"].split()
     assert sorted(families) == ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
     # Each would cut the daemon off from /sys, /run/udev, udev's netlink or /etc.
@@ -171,7 +174,11 @@ def test_systemd_analyze_security(testable_unit: Path) -> None:
         check=False,
         timeout=60,
     )
-    rating = re.search(r"Overall exposure level for reconnectd\.service: .*", result.stdout)
-    print(rating.group(0) if rating else result.stdout + result.stderr)
+    rating = re.search(
+        r"Overall exposure level for reconnectd\.service: (\d+\.\d+) (\w+)", result.stdout
+    )
     assert result.returncode == 0, result.stderr
-    assert rating is not None
+    assert rating is not None, result.stdout + result.stderr
+    # The bar: 2.0 or lower, which systemd itself calls "OK".
+    assert float(rating.group(1)) <= 2.0, rating.group(0)
+    assert rating.group(2) == "OK", rating.group(0)
