@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -34,6 +34,8 @@ class DaemonProcess:
         env: Mapping[str, str] | None = None,
         args: tuple[str, ...] = (),
         watchdog_usec: int | None = None,
+        command: Sequence[str] | None = None,
+        user: tuple[int, int] | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +50,13 @@ class DaemonProcess:
         self._extra_env = dict(env or {})
         self._args = args
         self._watchdog_usec = watchdog_usec
+        # An installed ``reconnectd`` instead of this checkout's code, and the
+        # (uid, gid) to run it as: systemd's User=/Group= for the unprivileged service.
+        self._command = list(command) if command is not None else None
+        self._user = user
+        if user is not None:
+            for path in (workdir, self.runtime_dir, self.state_dir):
+                os.chown(path, *user)
         self._notify: NotifySocket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -57,6 +66,9 @@ class DaemonProcess:
     def start(self, *, wait_ready: bool = True) -> DaemonProcess:
         """Start the process; with ``wait_ready``, return once it sent READY=1."""
         self._notify = NotifySocket(self.notify_path)
+        if self._user is not None:
+            # systemd's notify socket accepts datagrams from any user of the host.
+            os.chmod(self.notify_path, 0o666)
         env = dict(os.environ)
         env.update(self._extra_env)
         env.update(
@@ -72,14 +84,20 @@ class DaemonProcess:
         env.pop("JOURNAL_STREAM", None)
         if self._watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(self._watchdog_usec)
+        if self._command is not None:
+            env.pop("PYTHONPATH")
         self._log_file = self.log_path.open("ab")
+        command = self._command or [sys.executable, "-m", "reconnectd"]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "reconnectd", "-v", "run", *self._args],
+            [*command, "-v", "run", *self._args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,
             cwd=self.workdir,
+            user=None if self._user is None else self._user[0],
+            group=None if self._user is None else self._user[1],
+            extra_groups=None if self._user is None else [],
         )
         if wait_ready:
             self.wait_for_notification(lambda m: m.startswith("READY=1"), timeout=20)
