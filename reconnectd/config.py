@@ -8,16 +8,29 @@ the file is collected and reported at once, one line each, as
 user fixes the whole file in one go instead of one error per restart.
 
 The API key never appears in a message, a ``repr`` or a ``str``: it is only ever
-reported by the name of the key that holds it.
+reported by the name of the key that holds it. It comes from one of three places:
+inline (``api_key``), a file (``api_key_file``), or a systemd credential
+(``api_key_credential``, read from ``$CREDENTIALS_DIRECTORY`` as ``LoadCredential=``
+puts it there). A key file, or a config file holding an inline key, that users
+other than the daemon's own can read is not an error but a warning, kept apart in
+:attr:`Config.warnings` for the daemon to log and ``check`` to print.
+
+``ca_file`` names the PEM bundle of a private CA that signed an https OctoPrint's
+certificate; it is loaded here once, so that a wrong file is a config error rather
+than every request failing later. There is no way to turn verification off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import grp
 import json
 import math
 import os
 import re
+import shlex
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Mapping
@@ -39,6 +52,8 @@ CONFIG_ENV = "RECONNECTD_CONFIG"
 ZERO_CONFIG_PRINTER = "printer"
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+# The unit's Group=: a secret this group may read is not exposed.
+SERVICE_GROUP = "reconnectd"
 TIMEOUT_MAX = 60.0  # seconds; a longer request would starve the watchdog ping
 SETTLE_MAX = 600.0
 # Each attempt at a silent printer holds OctoPrint ~40 s, so polling faster than
@@ -49,6 +64,11 @@ POLL_MIN = 5.0
 POLL_MAX = 86400.0
 # An API key is 32-43 characters; anything this large is the wrong file.
 KEY_FILE_MAX_BYTES = 4096
+# Where systemd puts the files of LoadCredential=NAME:PATH, one per NAME.
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+# systemd's own limit: a credential name is a file name of printable ASCII
+# without ":" (which separates it from the path in LoadCredential=).
+_CREDENTIAL_RE = re.compile(r"[!-9;-~]{1,255}")
 # udev's ID_PATH of a device on port 2 of a hub on port 1 of an Intel xHCI.
 USB_PATH_EXAMPLE = "pci-0000:00:14.0-usb-0:1.2:1.0"
 
@@ -60,15 +80,19 @@ _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 class OctoPrintConfig:
     """How to reach one OctoPrint instance.
 
-    ``api_key`` holds the key whether it was written inline or read from
-    ``api_key_file`` (then ``api_key_file`` is the absolute path it came from).
-    It is left out of ``repr`` so that logging a config cannot leak it.
+    ``api_key`` holds the key whether it was written inline, read from
+    ``api_key_file`` (then ``api_key_file`` is the absolute path it came from) or
+    from the systemd credential named ``api_key_credential``. It is left out of
+    ``repr`` so that logging a config cannot leak it. ``ca_file`` is the absolute
+    path of the CA bundle an https URL is verified against (None: the system's).
     """
 
     url: str = DEFAULT_URL
     api_key: str | None = field(default=None, repr=False)
     api_key_file: Path | None = None
     timeout: float = 5.0
+    api_key_credential: str | None = None
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +115,16 @@ class PrinterConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration, checked and with every default filled in."""
+    """The whole configuration, checked and with every default filled in.
+
+    ``warnings`` are problems that do not stop the daemon (a secret others can
+    read), one line each naming the file and the fix.
+    """
 
     source: Path | None
     octoprint: OctoPrintConfig
     printers: tuple[PrinterConfig, ...]
+    warnings: tuple[str, ...] = ()
 
     @property
     def zero_config(self) -> bool:
@@ -147,12 +176,18 @@ def _config_source(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Pa
 def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Given ``--config`` and the environment, return the checked config.
 
-    A missing default file means zero-config. Raise :class:`ConfigError` if a named
-    file is missing, if the file cannot be read, or if anything in it is wrong.
+    A missing default file means zero-config. ``environ`` also gives
+    ``$CREDENTIALS_DIRECTORY`` for ``api_key_credential``. A config file holding an
+    inline ``api_key`` that others can read earns a warning. Raise
+    :class:`ConfigError` if a named file is missing, if the file cannot be read, or
+    if anything in it is wrong.
     """
-    path, origin = _config_source(cli_path, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    path, origin = _config_source(cli_path, env)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            status = os.fstat(handle.fileno())
+            data = handle.read()
     except FileNotFoundError:
         if origin is None:
             return Config(source=None, octoprint=OctoPrintConfig(), printers=zero_config())
@@ -167,14 +202,27 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(
             [f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"]
         ) from None
-    return parse_config(text, path)
+    config = parse_config(text, path, env)
+    if _holds_inline_key(config):
+        exposed = exposure(path, status, os.geteuid(), os.getegid())
+        if exposed is not None:
+            who, fix = exposed
+            warning = (
+                f"{path}: holds an inline api_key and is readable by {who};"
+                f" run: {fix} (or move the key to api_key_file)"
+            )
+            config = dataclasses.replace(config, warnings=(warning, *config.warnings))
+    return config
 
 
-def parse_config(text: str, source: Path) -> Config:
-    """Given the text of a config file and its path, return the checked config.
+def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Given the text of a config file, its path and the environment, return the checked config.
 
-    A relative ``api_key_file`` is relative to the directory of ``source``, and key
-    files are read here. Raise :class:`ConfigError` listing every problem found.
+    A relative ``api_key_file`` or ``ca_file`` is relative to the directory of
+    ``source``; key files, credentials (from ``$CREDENTIALS_DIRECTORY`` in
+    ``environ``, default ``os.environ``) and CA bundles are read here, and a key
+    file others can read earns a warning. Raise :class:`ConfigError` listing every
+    problem found.
     """
     try:
         document = tomllib.loads(text)
@@ -187,7 +235,7 @@ def parse_config(text: str, source: Path) -> Config:
         # wording varies between versions, hence ours).
         what = "an integer has too many digits" if "digits" in str(exc) else str(exc)
         raise ConfigError([f"{source}: {what}"]) from None
-    return _Checker(source).check(document)
+    return _Checker(source, os.environ if environ is None else environ).check(document)
 
 
 def _toml_error(message: str) -> str:
@@ -206,6 +254,62 @@ def _os_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+# --- secrets others can read ------------------------------------------------------
+
+
+def exposure(file: Path, status: os.stat_result, euid: int, egid: int) -> tuple[str, str] | None:
+    """Given a secret file, its status and the daemon's ids, return who else reads it and the fix.
+
+    Return who else can read it ("other users", "group adm") and a shell command
+    that stops them while the daemon can still read it, or None if nobody else can.
+    The daemon's own group may read it: that is the root:reconnectd 0640 set-up. So
+    may the service's group when someone else checks the file (``sudo reconnectd
+    check`` runs as root, whose group is not the service's).
+    """
+    mode = status.st_mode
+    world = bool(mode & stat.S_IROTH)
+    group = bool(mode & stat.S_IRGRP) and status.st_gid not in (egid, service_gid())
+    if not (world or group):
+        return None
+    who = "other users" if world else f"group {_group_name(status.st_gid)}"
+    quoted = shlex.quote(str(file))
+    if euid == status.st_uid:
+        fix = f"chmod 600 {quoted}"
+    elif status.st_gid == egid:
+        fix = f"chmod 640 {quoted}"
+    elif euid == 0:
+        fix = f"chmod 600 {quoted}"
+    else:
+        # Neither its owner nor its group: the daemon reads it only because others
+        # may, so hand the file to the daemon's group before closing it to others.
+        fix = f"chgrp {_group_name(egid)} {quoted} && chmod 640 {quoted}"
+    return who, fix
+
+
+def service_gid() -> int | None:
+    """Return the gid of the group the service runs as (systemd/install makes it), if any."""
+    try:
+        return grp.getgrnam(SERVICE_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _holds_inline_key(config: Config) -> bool:
+    return any(
+        octoprint.api_key is not None
+        and octoprint.api_key_file is None
+        and octoprint.api_key_credential is None
+        for octoprint in (config.octoprint, *(p.octoprint for p in config.printers))
+    )
 
 
 # --- describing values in messages ---------------------------------------------
@@ -286,7 +390,9 @@ class _Missing:
 
 _MISSING = _Missing()
 
-_OCTOPRINT_KEYS = ("url", "api_key", "api_key_file", "timeout")
+_OCTOPRINT_KEYS = ("url", "api_key", "api_key_file", "api_key_credential", "ca_file", "timeout")
+# The three places a key can come from; a table sets at most one.
+_KEY_SOURCES = ("api_key", "api_key_file", "api_key_credential")
 _PRINTER_KEYS = (
     "name",
     "vendor_id",
@@ -306,9 +412,11 @@ _TOP_KEYS = ("octoprint", "printer")
 class _Checker:
     """Walks a parsed TOML document, collecting every problem instead of stopping."""
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, environ: Mapping[str, str]) -> None:
         self.source = source
+        self.environ = environ
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def problem(self, path: str, what: str) -> None:
         self.problems.append(f"{self.source}: {path}: {what}" if path else f"{self.source}: {what}")
@@ -350,11 +458,15 @@ class _Checker:
 
         if self.problems:
             raise ConfigError(self.problems)
+        # One key file named in several tables is one warning.
+        warnings = tuple(dict.fromkeys(self.warnings))
         if isinstance(raw_printers, _Missing) or not raw_printers:
             # Contract: with no [[printer]], every known board is a printer of the
             # single [octoprint].
-            return Config(source=self.source, octoprint=shared, printers=zero_config(shared))
-        return Config(source=self.source, octoprint=shared, printers=tuple(printers))
+            printers = list(zero_config(shared))
+        return Config(
+            source=self.source, octoprint=shared, printers=tuple(printers), warnings=warnings
+        )
 
     def unknown_keys(self, table: dict[str, Any], path: str, known: tuple[str, ...]) -> set[str]:
         """Note every key of ``table`` not in ``known``; return the known keys suggested."""
@@ -391,17 +503,28 @@ class _Checker:
             )
             if timeout is not None:
                 values["timeout"] = timeout
-        has_key, has_file = "api_key" in table, "api_key_file" in table
-        if has_key and has_file:
-            self.problem(path, "api_key and api_key_file are both set; keep one")
-        elif has_key:
+        if "ca_file" in table:
+            ca_file = self.ca_file(table["ca_file"], _key_path(path, "ca_file"))
+            if ca_file is not None:
+                values["ca_file"] = ca_file
+        sources = [key for key in _KEY_SOURCES if key in table]
+        if len(sources) == 2:
+            self.problem(path, f"{sources[0]} and {sources[1]} are both set; keep one")
+        elif len(sources) == 3:
+            self.problem(path, "api_key, api_key_file and api_key_credential are all set; keep one")
+        elif sources == ["api_key"]:
             key = self.api_key(table["api_key"], _key_path(path, "api_key"))
             if key is not None:
-                values["api_key"], values["api_key_file"] = key, None
-        elif has_file:
+                values.update(api_key=key, api_key_file=None, api_key_credential=None)
+        elif sources == ["api_key_file"]:
             loaded = self.api_key_file(table["api_key_file"], _key_path(path, "api_key_file"))
             if loaded is not None:
-                values["api_key_file"], values["api_key"] = loaded
+                values.update(api_key_file=loaded[0], api_key=loaded[1], api_key_credential=None)
+        elif sources == ["api_key_credential"]:
+            name = table["api_key_credential"]
+            key = self.api_key_credential(name, _key_path(path, "api_key_credential"))
+            if key is not None:
+                values.update(api_key_credential=name, api_key=key, api_key_file=None)
         return values
 
     def url(self, value: object, path: str) -> str | None:
@@ -445,41 +568,123 @@ class _Checker:
         return key
 
     def api_key_file(self, value: object, path: str) -> tuple[Path, str] | None:
-        if not isinstance(value, str) or not value or "\0" in value:
+        file = self.file_path(
+            value, path, 'the path of a file holding the key like "/etc/reconnectd/octoprint.key"'
+        )
+        if file is None:
+            return None
+        read = self.read_key(file, path, f'"{file}"')
+        if read is None:
+            return None
+        status, key = read
+        exposed = exposure(file, status, os.geteuid(), os.getegid())
+        if exposed is not None:
+            who, fix = exposed
+            self.warnings.append(f"{file}: readable by {who}; run: {fix}")
+        return file, key
+
+    def api_key_credential(self, value: object, path: str) -> str | None:
+        example = (
+            'like "octoprint.key" (LoadCredential=octoprint.key:/etc/reconnectd/octoprint.key)'
+        )
+        if isinstance(value, str) and "/" in value:
+            # The usual slip: the path of the key instead of the name systemd gives it.
             self.problem(
                 path,
-                'expected the path of a file holding the key like "/etc/reconnectd/octoprint.key",'
-                f" got {_describe(value)}",
+                f"expected the name of a credential, not a path: LoadCredential=NAME:PATH"
+                f" makes PATH the credential NAME, got {_describe(value)}",
             )
+            return None
+        if (
+            not isinstance(value, str)
+            or not _CREDENTIAL_RE.fullmatch(value)
+            or value in (".", "..")
+        ):
+            self.problem(
+                path, f"expected the name of a systemd credential {example}, got {_describe(value)}"
+            )
+            return None
+        directory = self.environ.get(CREDENTIALS_ENV, "")
+        if not directory:
+            self.problem(
+                path,
+                f"${CREDENTIALS_ENV} is not set: reconnectd was not started by systemd"
+                f" with LoadCredential={value}:PATH",
+            )
+            return None
+        file = Path(directory) / value
+        if not os.path.lexists(file):
+            self.problem(
+                path,
+                f'no credential "{value}" in ${CREDENTIALS_ENV} ({directory}): add'
+                f" LoadCredential={value}:PATH to the service and restart it",
+            )
+            return None
+        # systemd owns the credential files and their modes: no exposure check.
+        read = self.read_key(file, path, f'credential "{value}" at "{file}"')
+        return None if read is None else read[1]
+
+    def read_key(self, file: Path, path: str, what: str) -> tuple[os.stat_result, str] | None:
+        """Given a key file's absolute path, return its status and the key (problems noted)."""
+        try:
+            # A FIFO or a terminal would block the daemon on open or read.
+            if not stat.S_ISREG(file.stat().st_mode):
+                self.problem(path, f"{what} is not a regular file")
+                return None
+            with file.open("rb") as handle:
+                status = os.fstat(handle.fileno())
+                data = handle.read(KEY_FILE_MAX_BYTES + 1)
+        except OSError as exc:
+            self.problem(path, f"cannot read {what}: {_os_reason(exc)}")
+            return None
+        if len(data) > KEY_FILE_MAX_BYTES:
+            self.problem(path, f"{what} is larger than {KEY_FILE_MAX_BYTES} bytes: not a key file")
+            return None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            self.problem(path, f"{what} is not UTF-8 text")
+            return None
+        key = self.key_text(text.strip(), path, f"{what} is empty")
+        return None if key is None else (status, key)
+
+    def ca_file(self, value: object, path: str) -> Path | None:
+        file = self.file_path(
+            value, path, 'the path of a PEM file of CA certificates like "/etc/reconnectd/ca.pem"'
+        )
+        if file is None:
+            return None
+        try:
+            # A FIFO would block the daemon; a directory would be taken by requests
+            # as an OpenSSL hash directory, which is not what this key promises.
+            if not stat.S_ISREG(file.stat().st_mode):
+                self.problem(path, f'"{file}" is not a regular file')
+                return None
+            # Loaded once here so that a DER file, a key or an empty file is named
+            # now, not as a TLS failure on every request.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(file))
+        except ssl.SSLError:
+            self.problem(
+                path,
+                f'"{file}" holds no PEM certificate ("-----BEGIN CERTIFICATE-----" block)',
+            )
+            return None
+        except OSError as exc:
+            self.problem(path, f'cannot read "{file}": {_os_reason(exc)}')
+            return None
+        return file
+
+    def file_path(self, value: object, path: str, expected: str) -> Path | None:
+        """Given a path as written, return it absolute, relative to the config file's directory."""
+        if not isinstance(value, str) or not value or "\0" in value:
+            self.problem(path, f"expected {expected}, got {_describe(value)}")
             return None
         file = Path(value)
         if not file.is_absolute():
             # Relative to the config file, not to whatever directory the daemon
             # was started from.
             file = self.source.parent / file
-        file = Path(os.path.abspath(file))
-        try:
-            # A FIFO or a terminal would block the daemon on open or read.
-            if not stat.S_ISREG(file.stat().st_mode):
-                self.problem(path, f'"{file}" is not a regular file')
-                return None
-            with file.open("rb") as handle:
-                data = handle.read(KEY_FILE_MAX_BYTES + 1)
-        except OSError as exc:
-            self.problem(path, f'cannot read "{file}": {_os_reason(exc)}')
-            return None
-        if len(data) > KEY_FILE_MAX_BYTES:
-            self.problem(
-                path, f'"{file}" is larger than {KEY_FILE_MAX_BYTES} bytes: not a key file'
-            )
-            return None
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            self.problem(path, f'"{file}" is not UTF-8 text')
-            return None
-        key = self.key_text(text.strip(), path, f'"{file}" is empty')
-        return None if key is None else (file, key)
+        return Path(os.path.abspath(file))
 
     # -- [[printer]] --
 
@@ -543,11 +748,12 @@ class _Checker:
         raw = table.get("octoprint", _MISSING)
         if isinstance(raw, dict):
             override = self.octoprint_values(raw, _key_path(path, "octoprint"))
-            if "api_key" in raw or "api_key_file" in raw:
-                # The key and its file are one setting: a printer that names its own
-                # key file must not also inherit an inline key (that would be "both").
-                octoprint.pop("api_key", None)
-                octoprint.pop("api_key_file", None)
+            if any(key in raw for key in _KEY_SOURCES):
+                # The key and where it comes from are one setting: a printer that
+                # names its own key file must not also inherit an inline key (that
+                # would be "both").
+                for key in _KEY_SOURCES:
+                    octoprint.pop(key, None)
             octoprint.update(override)
         elif not isinstance(raw, _Missing):
             self.problem(

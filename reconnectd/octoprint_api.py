@@ -8,6 +8,11 @@ between bytes of the answer.
 
 The API key goes into the session's headers and nowhere else: no reason string,
 repr or log line contains it.
+
+An https URL is always verified: against the system's CA certificates, or against
+``ca_file`` alone when a private CA signed OctoPrint's certificate. There is no
+switch to turn verification off. A failed verification is an :class:`Unreachable`
+whose reason says why in a few words ("certificate verify failed: ...").
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import errno
 import http.cookiejar
 import logging
+import os
 import re
+import ssl
 from typing import Any, Union
 
 import requests
@@ -57,11 +64,16 @@ class OctoPrintApi:
         api_key: str | None,
         timeout: float,
         *,
+        ca_file: str | os.PathLike[str] | None = None,
         session: requests.Session | None = None,
     ) -> None:
         self._url = url.rstrip("/")
         self._timeout = timeout
         self._session = session if session is not None else requests.Session()
+        # A CA bundle's path, or True for the system's; never False.
+        self._ca_file = None if ca_file is None else os.fspath(ca_file)
+        self._verify: str | bool = True if self._ca_file is None else self._ca_file
+        self._session.verify = self._verify
         self._session.headers["User-Agent"] = USER_AGENT
         # Stateless on purpose: no session cookie may keep a revoked key's login alive,
         # and every request stands on the key alone.
@@ -154,13 +166,20 @@ class OctoPrintApi:
                 json=body,
                 timeout=(self._timeout, self._timeout),
                 allow_redirects=False,
+                # Given per request too: the session's value loses to
+                # $REQUESTS_CA_BUNDLE, which would silently replace ca_file.
+                verify=self._verify,
             )
         except requests.Timeout:
             return self._unreachable(method, path, f"no answer within {self._timeout:g} s")
         except requests.ConnectionError as exc:
-            return self._unreachable(method, path, _connection_failure(exc))
+            return self._unreachable(method, path, _connection_failure(exc, self._ca_file))
         except requests.RequestException as exc:
             return self._unreachable(method, path, f"request failed: {type(exc).__name__}")
+        except OSError as exc:
+            # requests raises a bare OSError, outside its own exceptions, when the
+            # CA bundle has vanished since the config was loaded.
+            return self._unreachable(method, path, f"request failed: {exc}")
         log.debug("%s %s: HTTP %d", method, path, answer.status_code)
         if answer.status_code >= 500:
             return self._unreachable(method, path, f"HTTP {answer.status_code}")
@@ -211,8 +230,8 @@ class OctoPrintApi:
         return text
 
 
-def _connection_failure(exc: requests.ConnectionError) -> str:
-    """Given a failed connection, return what happened in words (refused, no route, name)."""
+def _connection_failure(exc: requests.ConnectionError, ca_file: str | None = None) -> str:
+    """Given a failed connection, return what happened in words (refused, no route, TLS)."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -220,6 +239,12 @@ def _connection_failure(exc: requests.ConnectionError) -> str:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        # Before the errno test: an SSLError is an OSError whose errno is OpenSSL's.
+        if isinstance(current, ssl.SSLError):
+            return _tls_failure(current, ca_file)
+        if isinstance(current, ValueError) and type(current).__name__ == "CertificateError":
+            # urllib3 1.x matches host names itself, with its own exception class.
+            return f"certificate verify failed: {current}"
         if isinstance(current, OSError) and current.errno is not None:
             if current.errno == errno.ECONNREFUSED:
                 return "connection refused"
@@ -229,12 +254,45 @@ def _connection_failure(exc: requests.ConnectionError) -> str:
         reason = getattr(current, "reason", None)
         if isinstance(reason, BaseException):
             pending.append(reason)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS failed"
     text = str(exc)
     if "Name or service not known" in text or "nodename nor servname" in text:
         return "cannot connect: host name not known"
     if "Connection refused" in text:
         return "connection refused"
     return "cannot connect"
+
+
+# OpenSSL's verify results that mean "signed by a CA you do not trust": the
+# usual case of a private CA and no (or the wrong) ca_file.
+_UNTRUSTED_ISSUER = frozenset(
+    {
+        2,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+        18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+        19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+        20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    }
+)
+
+
+def _tls_failure(exc: ssl.SSLError, ca_file: str | None) -> str:
+    """Given OpenSSL's error, return it in a few words, with the likely fix when known."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = f"certificate verify failed: {exc.verify_message or exc.reason}"
+        if exc.verify_code in _UNTRUSTED_ISSUER:
+            if ca_file is None:
+                what += "; a certificate from a private CA needs ca_file"
+            else:
+                what += f"; not signed by a CA in {ca_file}"
+        return what
+    # "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)" -> the words.
+    text = exc.strerror or str(exc)
+    text = re.sub(r"^\[[^\]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", text) or str(exc.reason)
+    if exc.reason == "WRONG_VERSION_NUMBER":
+        text += "; is this port https?"
+    return f"TLS failed: {text}"
 
 
 def _message_of(answer: requests.Response) -> str:

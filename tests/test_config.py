@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import grp
+import os
 import random
 import re
+import shutil
+import ssl
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from reconnectd import config as config_module
+from reconnectd.cli import main
 from reconnectd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -18,9 +23,11 @@ from reconnectd.config import (
     OctoPrintConfig,
     PrinterConfig,
     config_path,
+    exposure,
     load_config,
     parse_config,
 )
+from tests.support.tls import Pki, make_pki
 
 SOURCE = Path("/etc/reconnectd/reconnectd.toml")
 SECRET = "S3CRETKEY0123456789abcdefABCDEF01"
@@ -32,6 +39,12 @@ USB_PATH_FORM = (
     f'expected a USB path without spaces as "reconnectd devices" prints it, like "{USB_PATH}"'
 )
 PRINTER_CH340 = PRINTER + 'vendor_id = "1a86"\nproduct_id = "7523"\n'
+CREDENTIAL_FORM = (
+    'expected the name of a systemd credential like "octoprint.key"'
+    " (LoadCredential=octoprint.key:/etc/reconnectd/octoprint.key)"
+)
+NOT_PEM = '"{file}" holds no PEM certificate ("-----BEGIN CERTIFICATE-----" block)'
+CA_FILE_FORM = 'expected the path of a PEM file of CA certificates like "/etc/reconnectd/ca.pem"'
 
 
 def problems_of(text: str, source: Path = SOURCE) -> list[str]:
@@ -196,6 +209,76 @@ MALFORMED = [
         f'[octoprint]\napi_key = "{SECRET}"\napi_key_file = "octoprint.key"\n',
         ["octoprint: api_key and api_key_file are both set; keep one"],
         id="both-api-key-and-file",
+    ),
+    pytest.param(
+        f'[octoprint]\napi_key = "{SECRET}"\napi_key_credential = "octoprint.key"\n',
+        ["octoprint: api_key and api_key_credential are both set; keep one"],
+        id="both-api-key-and-credential",
+    ),
+    pytest.param(
+        PRINTER_PORT
+        + '[printer.octoprint]\napi_key_file = "k"\napi_key_credential = "octoprint.key"\n',
+        ["printer[0].octoprint: api_key_file and api_key_credential are both set; keep one"],
+        id="both-file-and-credential",
+    ),
+    pytest.param(
+        f'[octoprint]\napi_key = "{SECRET}"\napi_key_file = "k"\napi_key_credential = "k"\n',
+        ["octoprint: api_key, api_key_file and api_key_credential are all set; keep one"],
+        id="all-three-key-sources",
+    ),
+    pytest.param(
+        "[octoprint]\napi_key_credential = 1\n",
+        [f"octoprint.api_key_credential: {CREDENTIAL_FORM}, got 1"],
+        id="credential-number",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key_credential = ""\n',
+        [f'octoprint.api_key_credential: {CREDENTIAL_FORM}, got ""'],
+        id="credential-empty",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key_credential = ".."\n',
+        [f'octoprint.api_key_credential: {CREDENTIAL_FORM}, got ".."'],
+        id="credential-dot-dot",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key_credential = "octoprint:key"\n',
+        [f'octoprint.api_key_credential: {CREDENTIAL_FORM}, got "octoprint:key"'],
+        id="credential-with-colon",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key_credential = "octo print"\n',
+        [f'octoprint.api_key_credential: {CREDENTIAL_FORM}, got "octo print"'],
+        id="credential-with-space",
+    ),
+    pytest.param(
+        '[octoprint]\napi_key_credential = "/etc/reconnectd/octoprint.key"\n',
+        [
+            "octoprint.api_key_credential: expected the name of a credential, not a path:"
+            " LoadCredential=NAME:PATH makes PATH the credential NAME,"
+            ' got "/etc/reconnectd/octoprint.key"'
+        ],
+        id="credential-as-path",
+    ),
+    pytest.param(
+        '[octoprint]\nca_file = ""\n',
+        [f'octoprint.ca_file: {CA_FILE_FORM}, got ""'],
+        id="ca-file-empty",
+    ),
+    pytest.param(
+        PRINTER_PORT + "[printer.octoprint]\nca_file = true\n",
+        [f"printer[0].octoprint.ca_file: {CA_FILE_FORM}, got true"],
+        id="ca-file-bool",
+    ),
+    pytest.param(
+        "[octoprint]\nca_file = ['/etc/ssl/ca.pem']\n",
+        [f"octoprint.ca_file: {CA_FILE_FORM}, got an array"],
+        id="ca-file-array",
+    ),
+    pytest.param(
+        '[octoprint]\nca-file = "/etc/reconnectd/ca.pem"\n',
+        ['octoprint.ca-file: unknown key "ca-file" (did you mean "ca_file"?)'],
+        id="ca-file-misspelt",
     ),
     pytest.param(
         '[octoprint]\napi_key = ""\n',
@@ -730,17 +813,22 @@ def test_example_parses_as_zero_config() -> None:
     assert config.octoprint == OctoPrintConfig()
 
 
-def test_example_settings_are_valid_when_uncommented(tmp_path: Path) -> None:
+def test_example_settings_are_valid_when_uncommented(tmp_path: Path, pki: Pki) -> None:
     # Settings are commented as "#key = value"; uncomment them all (except the
-    # inline key, which excludes the key file) and the file must still be valid.
+    # inline key and the credential, which exclude the key file) and the file
+    # must still be valid.
     write(tmp_path / "octoprint.key", SECRET)
     write(tmp_path / "mk3s.key", "PRINTERKEY")
+    shutil.copy(pki.ca, tmp_path / "ca.pem")
     lines = []
     for line in example_text().splitlines():
-        if re.match(r"#[\[a-z]", line) and not line.startswith("#api_key ="):
+        if re.match(r"#[\[a-z]", line) and not line.startswith(
+            ("#api_key =", "#api_key_credential =")
+        ):
             line = line[1:]
         lines.append(line.replace("/etc/reconnectd/", f"{tmp_path}/"))
-    config = parse_config("\n".join(lines), tmp_path / "reconnectd.toml")
+    config = parse_config("\n".join(lines), tmp_path / "reconnectd.toml", {})
+    assert config.octoprint.ca_file == tmp_path / "ca.pem"
     (printer,) = config.printers
     assert printer.name == "mk3s"
     assert (printer.vendor_id, printer.product_id, printer.baudrate) == ("2c99", "0002", 115200)
@@ -750,10 +838,26 @@ def test_example_settings_are_valid_when_uncommented(tmp_path: Path) -> None:
     assert config.octoprint.api_key == SECRET
 
 
+def test_example_credential_is_valid_when_uncommented(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    write(credentials / "octoprint.key", SECRET)
+    lines = [
+        line[1:] if line.startswith("#api_key_credential =") else line
+        for line in example_text().splitlines()
+    ]
+    config = parse_config(
+        "\n".join(lines), tmp_path / "reconnectd.toml", {"CREDENTIALS_DIRECTORY": str(credentials)}
+    )
+    assert (config.octoprint.api_key, config.octoprint.api_key_credential) == (
+        SECRET,
+        "octoprint.key",
+    )
+
+
 def test_example_mentions_every_key() -> None:
     text = example_text()
     keys = [
-        *("url", "api_key", "api_key_file", "timeout"),
+        *("url", "api_key", "api_key_file", "api_key_credential", "ca_file", "timeout"),
         *(
             "name",
             "vendor_id",
@@ -807,10 +911,12 @@ ODD_VALUES = [
     "'/dev/zero'",
 ]
 
+OCTOPRINT_KEYS = ("url", "api_key", "api_key_file", "api_key_credential", "ca_file", "timeout")
+
 POSITIONS = [
     "top:octoprint",
     "top:printer",
-    *(f"octoprint:{key}" for key in ("url", "api_key", "api_key_file", "timeout")),
+    *(f"octoprint:{key}" for key in OCTOPRINT_KEYS),
     *(
         f"printer:{key}"
         for key in (
@@ -827,7 +933,7 @@ POSITIONS = [
             "octoprint",
         )
     ),
-    *(f"printer.octoprint:{key}" for key in ("url", "api_key", "api_key_file", "timeout")),
+    *(f"printer.octoprint:{key}" for key in OCTOPRINT_KEYS),
 ]
 
 
@@ -898,3 +1004,397 @@ def test_large_integer_is_shown_shortened() -> None:
         f"{SOURCE}: printer[0].settle: must be at least 0 and at most 600 seconds,"
         f" got {'9' * 20}... (4000 digits)",
     ]
+
+
+# --- the key from a systemd credential (LoadCredential=) -----------------------------
+
+CREDENTIAL = '[octoprint]\napi_key_credential = "octoprint.key"\n' + PRINTER_PORT
+
+
+def credentials_env(directory: Path) -> dict[str, str]:
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
+
+
+def test_credential_is_read_from_the_credentials_directory(tmp_path: Path) -> None:
+    write(tmp_path / "creds" / "octoprint.key", f"{SECRET}\n")
+    (tmp_path / "creds" / "octoprint.key").chmod(0o644)  # systemd's business, not ours
+    config = parse_config(CREDENTIAL, SOURCE, credentials_env(tmp_path / "creds"))
+    assert config.octoprint == OctoPrintConfig(
+        api_key=SECRET, api_key_file=None, api_key_credential="octoprint.key"
+    )
+    assert config.printers[0].octoprint == config.octoprint
+    assert config.warnings == ()
+    assert SECRET not in repr(config)
+
+
+def test_load_config_gives_the_environment_to_the_credential(tmp_path: Path) -> None:
+    write(tmp_path / "creds" / "octoprint.key", SECRET)
+    path = write(tmp_path / "reconnectd.toml", CREDENTIAL)
+    config = load_config(str(path), credentials_env(tmp_path / "creds"))
+    assert config.octoprint.api_key == SECRET
+
+
+@pytest.mark.parametrize("environ", [{}, {"CREDENTIALS_DIRECTORY": ""}], ids=["unset", "empty"])
+def test_credential_without_systemd_says_how_to_start_it(environ: dict[str, str]) -> None:
+    assert problems_of_env(CREDENTIAL, environ) == [
+        f"{SOURCE}: octoprint.api_key_credential: $CREDENTIALS_DIRECTORY is not set:"
+        " reconnectd was not started by systemd with LoadCredential=octoprint.key:PATH"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(
+            None,
+            'no credential "octoprint.key" in $CREDENTIALS_DIRECTORY ({dir}): add'
+            " LoadCredential=octoprint.key:PATH to the service and restart it",
+            id="missing",
+        ),
+        pytest.param("", 'credential "octoprint.key" at "{file}" is empty', id="empty"),
+        pytest.param("\n \n", 'credential "octoprint.key" at "{file}" is empty', id="blank"),
+        pytest.param(
+            "x" * 5000,
+            'credential "octoprint.key" at "{file}" is larger than 4096 bytes: not a key file',
+            id="huge",
+        ),
+        pytest.param(
+            b"\xff\xfe\x00", 'credential "octoprint.key" at "{file}" is not UTF-8 text', id="binary"
+        ),
+        pytest.param(
+            f"{SECRET} {SECRET}",
+            "the key must be a single word with no spaces or line breaks",
+            id="two-words",
+        ),
+    ],
+)
+def test_credential_problems(tmp_path: Path, content: str | bytes | None, problem: str) -> None:
+    directory = tmp_path / "creds"
+    directory.mkdir()
+    file = directory / "octoprint.key"
+    if content is not None:
+        write(file, content)
+    text = PRINTER_PORT + '[printer.octoprint]\napi_key_credential = "octoprint.key"\n'
+    assert problems_of_env(text, credentials_env(directory)) == [
+        f"{SOURCE}: printer[0].octoprint.api_key_credential: "
+        + problem.format(dir=directory, file=file)
+    ]
+    if isinstance(content, str) and content.strip():
+        assert SECRET not in str(problems_of_env(text, credentials_env(directory)))
+
+
+def test_credential_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "octoprint.key").mkdir()
+    assert problems_of_env(CREDENTIAL, credentials_env(tmp_path)) == [
+        f'{SOURCE}: octoprint.api_key_credential: credential "octoprint.key"'
+        f' at "{tmp_path / "octoprint.key"}" is not a regular file'
+    ]
+
+
+def test_unreadable_credential_is_refused(tmp_path: Path) -> None:
+    file = write(tmp_path / "octoprint.key", SECRET)
+    file.chmod(0)
+    if os.access(file, os.R_OK):
+        pytest.skip("running as root: permissions do not stop us")
+    assert problems_of_env(CREDENTIAL, credentials_env(tmp_path)) == [
+        f'{SOURCE}: octoprint.api_key_credential: cannot read credential "octoprint.key"'
+        f' at "{file}": Permission denied'
+    ]
+
+
+def test_printer_credential_replaces_the_inherited_inline_key(tmp_path: Path) -> None:
+    write(tmp_path / "mk3s.key", "PRINTERKEY")
+    text = (
+        f'[octoprint]\napi_key = "{SECRET}"\n'
+        + PRINTER_PORT
+        + '[printer.octoprint]\napi_key_credential = "mk3s.key"\n'
+    )
+    config = parse_config(text, SOURCE, credentials_env(tmp_path))
+    assert config.octoprint.api_key == SECRET
+    assert config.printers[0].octoprint == OctoPrintConfig(
+        api_key="PRINTERKEY", api_key_credential="mk3s.key"
+    )
+
+
+def test_printer_key_file_replaces_the_inherited_credential(tmp_path: Path) -> None:
+    write(tmp_path / "creds" / "octoprint.key", SECRET)
+    key_file = write(tmp_path / "mk3s.key", "PRINTERKEY")
+    key_file.chmod(0o600)
+    text = CREDENTIAL + '[printer.octoprint]\napi_key_file = "mk3s.key"\n'
+    config = parse_config(text, tmp_path / "r.toml", credentials_env(tmp_path / "creds"))
+    assert config.octoprint.api_key_credential == "octoprint.key"
+    assert config.printers[0].octoprint == OctoPrintConfig(
+        api_key="PRINTERKEY", api_key_file=key_file, api_key_credential=None
+    )
+
+
+def problems_of_env(text: str, environ: dict[str, str], source: Path = SOURCE) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source, environ)
+    return info.value.problems
+
+
+# --- ca_file: the CA of an https OctoPrint ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_ca_file_relative_to_config_dir_is_made_absolute(tmp_path: Path, pki: Pki) -> None:
+    shutil.copy(pki.ca, write(tmp_path / "etc" / "certs" / "ca.pem", ""))
+    text = '[octoprint]\nurl = "https://octopi.local"\nca_file = "certs/ca.pem"\n' + PRINTER_PORT
+    config = parse_config(text, tmp_path / "etc" / "reconnectd.toml")
+    assert config.octoprint.ca_file == tmp_path / "etc" / "certs" / "ca.pem"
+    assert config.printers[0].octoprint.ca_file == config.octoprint.ca_file
+
+
+def test_printer_ca_file_overrides_the_shared_one(tmp_path: Path, pki: Pki) -> None:
+    shutil.copy(pki.ca, tmp_path / "shared.pem")
+    shutil.copy(pki.ca, tmp_path / "mk3s.pem")
+    text = (
+        '[octoprint]\nca_file = "shared.pem"\ntimeout = 3\n'
+        + PRINTER_PORT
+        + '[printer.octoprint]\nurl = "https://127.0.0.1:5001"\nca_file = "mk3s.pem"\n'
+    )
+    config = parse_config(text, tmp_path / "reconnectd.toml")
+    assert config.octoprint.ca_file == tmp_path / "shared.pem"
+    assert config.printers[0].octoprint == OctoPrintConfig(
+        url="https://127.0.0.1:5001", timeout=3.0, ca_file=tmp_path / "mk3s.pem"
+    )
+
+
+def test_ca_file_may_be_a_bundle_of_several_cas(tmp_path: Path, pki: Pki) -> None:
+    system = Path("/etc/ssl/certs/ca-certificates.crt")
+    bundle = pki.ca.read_text() + (system.read_text() if system.exists() else pki.ca.read_text())
+    write(tmp_path / "bundle.pem", bundle)
+    config = parse_config('[octoprint]\nca_file = "bundle.pem"\n', tmp_path / "r.toml")
+    assert config.octoprint.ca_file == tmp_path / "bundle.pem"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(None, 'cannot read "{file}": No such file or directory', id="missing"),
+        pytest.param("", NOT_PEM, id="empty"),
+        pytest.param("not a certificate\n", NOT_PEM, id="text"),
+        pytest.param("DER", NOT_PEM, id="der-instead-of-pem"),
+        pytest.param("KEY", NOT_PEM, id="private-key-instead"),
+        pytest.param(
+            "-----BEGIN CERTIFICATE-----\nbm90IGJhc2U2NA==\n-----END CERTIFICATE-----\n",
+            NOT_PEM,
+            id="broken-pem",
+        ),
+    ],
+)
+def test_ca_file_problems(tmp_path: Path, pki: Pki, content: str | None, problem: str) -> None:
+    file = tmp_path / "ca.pem"
+    if content == "DER":
+        write(file, ssl.PEM_cert_to_DER_cert(pki.ca.read_text()))
+    elif content == "KEY":
+        shutil.copy(pki.key, file)
+    elif content is not None:
+        write(file, content)
+    text = PRINTER_PORT + '[printer.octoprint]\nca_file = "ca.pem"\n'
+    assert problems_of(text, tmp_path / "reconnectd.toml") == [
+        f"{tmp_path / 'reconnectd.toml'}: printer[0].octoprint.ca_file: "
+        + problem.format(file=file)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_ca_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    if kind == "directory":
+        (tmp_path / "certs").mkdir()
+        value, shown = "certs", tmp_path / "certs"
+    else:
+        value, shown = "/dev/zero", Path("/dev/zero")
+    text = f'[octoprint]\nca_file = "{value}"\n'
+    assert problems_of(text, tmp_path / "r.toml") == [
+        f'{tmp_path / "r.toml"}: octoprint.ca_file: "{shown}" is not a regular file'
+    ]
+
+
+def test_unreadable_ca_file_is_refused(tmp_path: Path, pki: Pki) -> None:
+    file = tmp_path / "ca.pem"
+    shutil.copy(pki.ca, file)
+    file.chmod(0)
+    if os.access(file, os.R_OK):
+        pytest.skip("running as root: permissions do not stop us")
+    assert problems_of('[octoprint]\nca_file = "ca.pem"\n', tmp_path / "r.toml") == [
+        f'{tmp_path / "r.toml"}: octoprint.ca_file: cannot read "{file}": Permission denied'
+    ]
+
+
+# --- secrets others can read: warnings, never errors ----------------------------------
+
+
+def secret_file(path: Path, mode: int, gid: int | None = None) -> os.stat_result:
+    write(path, SECRET)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    path.chmod(mode)
+    return path.stat()
+
+
+def as_root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another group")
+
+
+def test_exposure_rules(tmp_path: Path) -> None:
+    """Each rule with a real file's real status; the daemon's ids are the variable."""
+    file = tmp_path / "octoprint.key"
+    status = secret_file(file, 0o600)
+    owner, group = status.st_uid, status.st_gid
+    stranger, other_group = owner + 4242, group + 4242
+    group_name = grp.getgrgid(group).gr_name
+    assert exposure(file, status, owner, group) is None
+    assert exposure(file, status, stranger, other_group) is None  # its owner alone
+
+    status = secret_file(file, 0o640)
+    assert exposure(file, status, owner, group) is None  # the daemon's own group
+    assert exposure(file, status, stranger, group) is None  # root:reconnectd 0640
+    assert exposure(file, status, owner, other_group) == (
+        f"group {group_name}",
+        f"chmod 600 {file}",
+    )
+
+    status = secret_file(file, 0o644)
+    assert exposure(file, status, owner, other_group) == ("other users", f"chmod 600 {file}")
+    assert exposure(file, status, stranger, group) == ("other users", f"chmod 640 {file}")
+    assert exposure(file, status, 0, other_group) == ("other users", f"chmod 600 {file}")
+    if stranger != 0:
+        assert exposure(file, status, stranger, other_group) == (
+            "other users",
+            f"chgrp {other_group} {file} && chmod 640 {file}",
+        )
+
+    status = secret_file(file, 0o604)
+    assert exposure(file, status, owner, group) == ("other users", f"chmod 600 {file}")
+
+
+def test_exposure_quotes_a_path_with_spaces(tmp_path: Path) -> None:
+    file = tmp_path / "my keys" / "octoprint.key"
+    status = secret_file(file, 0o644)
+    assert exposure(file, status, status.st_uid, status.st_gid) == (
+        "other users",
+        f"chmod 600 '{file}'",
+    )
+
+
+def test_exposure_names_a_group_without_a_name_by_number(tmp_path: Path) -> None:
+    as_root_only()
+    file = tmp_path / "octoprint.key"
+    status = secret_file(file, 0o640, gid=54321)
+    assert exposure(file, status, 0, 0) == ("group 54321", f"chmod 600 {file}")
+
+
+KEY_FILE_CONFIG = '[octoprint]\napi_key_file = "octoprint.key"\n' + PRINTER_PORT
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o660])
+def test_key_file_others_cannot_read_earns_no_warning(tmp_path: Path, mode: int) -> None:
+    secret_file(tmp_path / "octoprint.key", mode)
+    assert parse_config(KEY_FILE_CONFIG, tmp_path / "r.toml").warnings == ()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o666, 0o444])
+def test_world_readable_key_file_is_a_warning(tmp_path: Path, mode: int) -> None:
+    file = tmp_path / "octoprint.key"
+    secret_file(file, mode)
+    config = parse_config(KEY_FILE_CONFIG, tmp_path / "r.toml")
+    assert config.octoprint.api_key == SECRET  # a warning: the key is used all the same
+    assert config.warnings == (f"{file}: readable by other users; run: chmod 600 {file}",)
+
+
+def test_key_file_of_another_group_is_a_warning(tmp_path: Path) -> None:
+    as_root_only()
+    file = tmp_path / "octoprint.key"
+    secret_file(file, 0o640, gid=54321)
+    assert parse_config(KEY_FILE_CONFIG, tmp_path / "r.toml").warnings == (
+        f"{file}: readable by group 54321; run: chmod 600 {file}",
+    )
+
+
+def test_one_key_file_in_two_tables_is_one_warning(tmp_path: Path) -> None:
+    file = tmp_path / "octoprint.key"
+    secret_file(file, 0o644)
+    text = (
+        KEY_FILE_CONFIG
+        + '[printer.octoprint]\nurl = "http://127.0.0.1:5001"\napi_key_file = "octoprint.key"\n'
+    )
+    assert len(parse_config(text, tmp_path / "r.toml").warnings) == 1
+
+
+def test_warnings_stay_out_of_the_errors(tmp_path: Path) -> None:
+    secret_file(tmp_path / "octoprint.key", 0o644)
+    problems = problems_of(KEY_FILE_CONFIG + "settle = -1\n", tmp_path / "r.toml")
+    assert problems == [
+        f"{tmp_path / 'r.toml'}: printer[0].settle: must be at least 0 and at most 600 seconds,"
+        " got -1"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"), [(0o600, False), (0o640, False), (0o644, True), (0o604, True)]
+)
+def test_config_file_with_an_inline_key_others_can_read(
+    tmp_path: Path, mode: int, warned: bool
+) -> None:
+    path = write(tmp_path / "reconnectd.toml", f'[octoprint]\napi_key = "{SECRET}"\n')
+    path.chmod(mode)
+    expected = (
+        f"{path}: holds an inline api_key and is readable by other users;"
+        f" run: chmod 600 {path} (or move the key to api_key_file)"
+    )
+    config = load_config(str(path), {})
+    assert config.warnings == ((expected,) if warned else ())
+    assert all(SECRET not in warning for warning in config.warnings)
+
+
+def test_config_file_without_an_inline_key_may_be_world_readable(tmp_path: Path) -> None:
+    secret_file(tmp_path / "octoprint.key", 0o600)
+    path = write(tmp_path / "reconnectd.toml", KEY_FILE_CONFIG)
+    path.chmod(0o644)
+    assert load_config(str(path), {}).warnings == ()
+
+
+def test_config_file_and_key_file_both_warned_config_first(tmp_path: Path) -> None:
+    key_file = tmp_path / "mk3s.key"
+    secret_file(key_file, 0o644)
+    path = write(
+        tmp_path / "reconnectd.toml",
+        f'[octoprint]\napi_key = "{SECRET}"\n'
+        + PRINTER_PORT
+        + '[printer.octoprint]\napi_key_file = "mk3s.key"\n',
+    )
+    path.chmod(0o644)
+    warnings = load_config(str(path), {}).warnings
+    assert [warning.split(":")[0] for warning in warnings] == [str(path), str(key_file)]
+
+
+def test_check_prints_warnings_and_still_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "octoprint.key"
+    secret_file(file, 0o644)
+    path = write(tmp_path / "reconnectd.toml", KEY_FILE_CONFIG)
+    assert main(["check"], {"RECONNECTD_CONFIG": str(path)}) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"config OK: {path}; printers: mk3s\n"
+    assert captured.err == f"warning: {file}: readable by other users; run: chmod 600 {file}\n"
+
+
+def test_the_service_group_may_read_a_secret_whoever_checks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """root:reconnectd 0640, checked by `sudo reconnectd check` (root, group root)."""
+    as_root_only()
+    file = tmp_path / "octoprint.key"
+    status = secret_file(file, 0o640, grp.getgrnam("nogroup").gr_gid)
+    monkeypatch.setattr(config_module, "SERVICE_GROUP", "nogroup")
+    assert exposure(file, status, 0, 0) is None
+    monkeypatch.setattr(config_module, "SERVICE_GROUP", "no-such-group-here")
+    assert exposure(file, status, 0, 0) == ("group nogroup", f"chmod 600 {file}")

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import requests
+import urllib3
 
-from reconnectd.octoprint_api import OctoPrintApi
+from reconnectd.octoprint_api import OctoPrintApi, _connection_failure
 from reconnectd.octoprint_state import (
     Accepted,
     ErrorKind,
@@ -481,6 +483,27 @@ def test_key_never_appears(server: ScriptedServer, caplog: pytest.LogCaptureFixt
     assert_no_key(*results)
     assert KEY not in caplog.text
     assert any(isinstance(r, Refused) and "***" in r.reason for r in results)
+
+
+# -- TLS failures as urllib3 1.x reports them -------------------------------------
+# (urllib3 2.x, what the test venv has, is driven for real in tests/test_tls.py.)
+
+
+class CertificateError(ValueError):
+    """The shape of urllib3 1.x's own host name mismatch (util/ssl_match_hostname)."""
+
+
+def test_urllib3_1_host_name_mismatch_reads_as_a_certificate_failure() -> None:
+    cause = CertificateError("hostname '127.0.0.1' doesn't match 'octopi.invalid'")
+    wrapped = urllib3.exceptions.MaxRetryError(None, "/api/connection", reason=cause)  # type: ignore[arg-type]
+    reason = _connection_failure(requests.exceptions.SSLError(wrapped))
+    assert (
+        reason == "certificate verify failed: hostname '127.0.0.1' doesn't match 'octopi.invalid'"
+    )
+
+
+def test_tls_failure_without_a_known_cause_still_says_tls() -> None:
+    assert _connection_failure(requests.exceptions.SSLError("handshake")) == "TLS failed"
 
 
 # -- the real OctoPrint ------------------------------------------------------------
