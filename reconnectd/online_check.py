@@ -1,0 +1,133 @@
+"""``reconnectd check --online``: can the daemon do its job with this config, right now?
+
+For each OctoPrint it reaches the API, proves the key may read and change the
+connection, and for each printer whose device is present now, that OctoPrint offers
+a port for it: a printer OctoPrint does not list can never be connected (OctoPrint
+answers 400), which is otherwise found out only at the first power cycle.
+
+Nothing is connected or changed: the permission probe names a port no OctoPrint
+lists, which a key that may connect gets refused with 400, and one that may not
+with 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TextIO
+
+from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
+from reconnectd.core import choose_port
+from reconnectd.daemon import OctoPrint
+from reconnectd.devices import Device
+from reconnectd.matching import matching_printers
+from reconnectd.octoprint_state import OctoPrintView, Refused, Unreachable
+
+PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
+
+# Exit codes, worst last: see cli.py and the README.
+OK = 0
+PORT_NOT_OFFERED = 1
+NO_PERMISSION = 77
+UNREACHABLE = 69
+_SEVERITY = {OK: 0, PORT_NOT_OFFERED: 1, NO_PERMISSION: 2, UNREACHABLE: 3}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report and the exit code it calls for."""
+
+    code: int
+    line: str
+
+
+def worst(findings: Iterable[Finding]) -> int:
+    """Given findings, return the exit code of the worst (0 when there are none)."""
+    return max((f.code for f in findings), key=_SEVERITY.__getitem__, default=OK)
+
+
+def check_online(
+    config: Config,
+    api_for: Callable[[OctoPrintConfig], OctoPrint],
+    present: Callable[[PrinterConfig], list[Device]],
+    out: TextIO,
+) -> int:
+    """Given a config, a client factory and what devices each printer has now, print
+    a line per finding to ``out`` and return the exit code of the worst."""
+    findings: list[Finding] = []
+    views: dict[OctoPrintConfig, OctoPrintView] = {}
+    targets = [config.octoprint] if config.zero_config else [p.octoprint for p in config.printers]
+    for octoprint in dict.fromkeys(targets):
+        api = api_for(octoprint)
+        try:
+            finding, view = check_octoprint(api)
+        finally:
+            api.close()
+        findings.append(Finding(finding.code, f"{octoprint.url}: {finding.line}"))
+        print(findings[-1].line, file=out)
+        if view is not None:
+            views[octoprint] = view
+    for printer in config.printers:
+        view = views.get(printer.octoprint)
+        if view is None:
+            continue  # its OctoPrint already has a finding of its own
+        for finding in check_ports(printer, present(printer), view.ports):
+            findings.append(finding)
+            print(finding.line, file=out)
+    return worst(findings)
+
+
+def check_octoprint(api: OctoPrint) -> tuple[Finding, OctoPrintView | None]:
+    """Given a client, return what the key may do, and OctoPrint's view if it may."""
+    read = api.read()
+    if isinstance(read, Unreachable):
+        return Finding(UNREACHABLE, f"unreachable: {read.reason}"), None
+    if isinstance(read, Refused):
+        return Finding(
+            NO_PERMISSION, f"the API key may not read the connection: {read.reason}"
+        ), None
+    probe = api.connect(PERMISSION_PROBE_PORT, None, None)
+    if isinstance(probe, Refused) and probe.status == 403:
+        return Finding(NO_PERMISSION, "the API key may read but not change the connection"), None
+    if isinstance(probe, Unreachable):
+        return Finding(UNREACHABLE, f"unreachable: {probe.reason}"), None
+    ports = ", ".join(read.ports) or "none"
+    return Finding(OK, f"OK: state {read.state}; ports offered: {ports}"), read
+
+
+def check_ports(
+    printer: PrinterConfig, devices: list[Device], offered: tuple[str, ...]
+) -> list[Finding]:
+    """Given a printer, its devices present now and the ports its OctoPrint offers,
+    return a finding per device: the port the daemon would connect, or why none."""
+    if not devices:
+        return [Finding(OK, f"{printer.name}: no device present now; nothing to match")]
+    findings = []
+    for device in devices:
+        port = choose_port(device, offered, printer.port)
+        if port is not None:
+            findings.append(Finding(OK, f"{printer.name}: {device.node} is offered as {port}"))
+            continue
+        wanted = printer.port or device.paths[0]
+        findings.append(
+            Finding(
+                PORT_NOT_OFFERED,
+                f"{printer.name}: {device.node} is present but {printer.octoprint.url} does not"
+                f" offer it (nor {', '.join(device.links) or 'any link to it'}); in OctoPrint's"
+                f" serial settings add {_pattern(wanted)} to the additional ports, or take it off"
+                " the blacklisted ports",
+            )
+        )
+    return findings
+
+
+def devices_of(printer: PrinterConfig, config: Config, devices: list[Device]) -> list[Device]:
+    """Given a printer and the devices present, return those the daemon routes to it
+    (a device several printers claim goes to the first, as in the daemon)."""
+    return [d for d in devices if matching_printers(config.printers, d)[:1] == [printer]]
+
+
+def _pattern(path: str) -> str:
+    if path.startswith("/dev/serial/by-id/"):
+        return "/dev/serial/by-id/*"
+    return path
