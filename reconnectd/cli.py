@@ -1,22 +1,31 @@
-"""The ``reconnectd`` command: run, check, devices, status."""
+"""The ``reconnectd`` command: run, check, devices, status, login."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NoReturn, TextIO
 
-from reconnectd import __version__, logs
+from reconnectd import __version__, login, logs, online_check
 from reconnectd.boards import known_board
-from reconnectd.config import Config, ConfigError, OctoPrintConfig, load_config
+from reconnectd.config import (
+    Config,
+    ConfigError,
+    OctoPrintConfig,
+    PrinterConfig,
+    config_path,
+    load_config,
+)
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device
 from reconnectd.matching import matching_printers, stanza_for, suggested_name
 from reconnectd.octoprint_api import OctoPrintApi
-from reconnectd.octoprint_state import Refused, Unreachable
+from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import StatusUnavailable, load_status, render_table, status_path
 from reconnectd.systemd import Notifier
 from reconnectd.udev import UdevWatcher, list_serial_devices
@@ -26,12 +35,10 @@ EXIT_OK = 0
 EXIT_NOT_RUNNING = 3  # `status` with no daemon running, as `systemctl status` says it
 EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
+EXIT_CANTCREAT = 73  # `login`: the key file cannot be written
 EXIT_NOPERM = 77
 EXIT_CONFIG = 78
-
-# A path no OctoPrint lists: connecting to it is refused with 400 by a key that may
-# connect, and 403 by one that may not, and nothing else happens.
-PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
+EXIT_INTERRUPTED = 130  # `login` stopped by Ctrl-C, as a shell reports it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true", help="machine-readable output")
     status = commands.add_parser("status", help="the running daemon's view of each printer")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    login_ = commands.add_parser(
+        "login", help="get an API key from OctoPrint (Application Keys) and store it"
+    )
+    login_.add_argument("--url", help="OctoPrint's URL (default: the config's [octoprint] url)")
+    login_.add_argument(
+        "--key-file", metavar="PATH", help="where to store the key (default: beside the config)"
+    )
     return parser
 
 
@@ -68,6 +82,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     command = args.command or "run"
     if command == "status":
         return _status(args.json, env, sys.stdout)
+    if command == "login":
+        # Before the config is loaded: a config whose key file does not exist yet
+        # is exactly what login is for.
+        return _login(args, env, sys.stdout, sys.stderr)
     try:
         config = load_config(args.config, env)
     except ConfigError as error:
@@ -83,19 +101,29 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def _run(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     logs.setup_logging(args.verbose, environ)
-    for octoprint in _octoprints(config):
-        if octoprint.api_key:
-            logs.redact(octoprint.api_key)
+
+    def loaded(new: Config) -> Config:
+        # At start and on every reload: a reload may bring a new key or new warnings.
+        for octoprint in _octoprints(new):
+            if octoprint.api_key:
+                logs.redact(octoprint.api_key)
+        for warning in new.warnings:
+            logging.getLogger(__name__).warning("%s", warning)
+        return new
+
+    loaded(config)
 
     def api_for(octoprint: OctoPrintConfig) -> OctoPrintApi:
-        return OctoPrintApi(octoprint.url, octoprint.api_key, octoprint.timeout)
+        return OctoPrintApi(
+            octoprint.url, octoprint.api_key, octoprint.timeout, ca_file=octoprint.ca_file
+        )
 
     daemon = Daemon(
         config,
         source=UdevWatcher(),
         api_factory=api_for,
         notifier=Notifier(environ),
-        reload_config=lambda: load_config(args.config, environ),
+        reload_config=lambda: loaded(load_config(args.config, environ)),
         environ=environ,
         dry_run=args.dry_run,
     )
@@ -114,39 +142,30 @@ def _check(config: Config, online: bool, out: TextIO) -> int:
     source = config.source or "no config file (zero-config defaults)"
     names = ", ".join(p.name for p in config.printers) or "none"
     print(f"config OK: {source}; printers: {names}", file=out)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not online:
         return EXIT_OK
-    worst = EXIT_OK
-    targets = _octoprints(config) if config.zero_config else [p.octoprint for p in config.printers]
-    for octoprint in dict.fromkeys(targets):
-        api = OctoPrintApi(octoprint.url, octoprint.api_key, octoprint.timeout)
-        try:
-            code, message = _check_octoprint(api)
-        finally:
-            api.close()
-        print(f"{octoprint.url}: {message}", file=out)
-        worst = max(worst, code, key=_severity)
-    return worst
+    try:
+        devices = list_serial_devices()
+    except OSError as error:  # no /sys (a bare container): check OctoPrint alone
+        print(f"cannot list serial devices: {error}", file=out)
+        devices = []
 
+    def present(printer: PrinterConfig) -> list[Device]:
+        found = online_check.devices_of(printer, config, devices)
+        if not found and printer.port is not None:
+            # A static node (LXC) that udev does not know: its presence is in sysfs.
+            static = node_device(printer.port, SYS_ROOT)
+            found = [static] if static is not None else []
+        return found
 
-def _severity(code: int) -> int:
-    return {EXIT_OK: 0, EXIT_NOPERM: 1, EXIT_UNAVAILABLE: 2}.get(code, 0)
+    def api_for(octoprint: OctoPrintConfig) -> OctoPrintApi:
+        return OctoPrintApi(
+            octoprint.url, octoprint.api_key, octoprint.timeout, ca_file=octoprint.ca_file
+        )
 
-
-def _check_octoprint(api: OctoPrintApi) -> tuple[int, str]:
-    """Given a client, return the exit code and a line saying what the key may do."""
-    read = api.read()
-    if isinstance(read, Unreachable):
-        return EXIT_UNAVAILABLE, f"unreachable: {read.reason}"
-    if isinstance(read, Refused):
-        return EXIT_NOPERM, f"the API key may not read the connection: {read.reason}"
-    probe = api.connect(PERMISSION_PROBE_PORT, None, None)
-    if isinstance(probe, Refused) and probe.status == 403:
-        return EXIT_NOPERM, "the API key may read but not change the connection"
-    if isinstance(probe, Unreachable):
-        return EXIT_UNAVAILABLE, f"unreachable: {probe.reason}"
-    ports = ", ".join(read.ports) or "none"
-    return EXIT_OK, f"OK: state {read.state}; ports offered: {ports}"
+    return online_check.check_online(config, api_for, present, out)
 
 
 def _devices(config: Config, as_json: bool, out: TextIO) -> int:
@@ -212,3 +231,78 @@ def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:
         table = render_table(document)
         out.write(table if table.endswith("\n") else table + "\n")
     return EXIT_OK
+
+
+# How `login` ends when no key was obtained: OctoPrint or its workflow not there,
+# or refusing for now (69); nobody granted the key (77).
+_LOGIN_EXIT = {
+    login.Failure.UNREACHABLE: EXIT_UNAVAILABLE,
+    login.Failure.NO_WORKFLOW: EXIT_UNAVAILABLE,
+    login.Failure.REFUSED: EXIT_UNAVAILABLE,
+    login.Failure.DENIED: EXIT_NOPERM,
+    login.Failure.TIMED_OUT: EXIT_NOPERM,
+}
+
+
+def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    """Given ``login``'s arguments, get a key, store it, point the config at it; return the code.
+
+    The exit codes are explained in :mod:`reconnectd.login`.
+    """
+    path, _ = config_path(args.config, environ)
+    config = login.read_config(path)
+    if args.url is None:
+        if config.problem is not None:
+            print(config.problem, file=err)
+            print("Fix the file, or name OctoPrint with --url.", file=err)
+            return EXIT_CONFIG
+        url = login.configured_url(config)
+    else:
+        problem = login.check_url(args.url)
+        if problem is not None:
+            print(f"reconnectd login: --url: {problem}", file=err)
+            return EXIT_USAGE
+        url = args.url.rstrip("/")
+    table = login.find_table(config, url)
+    if args.key_file is not None:
+        key_file = Path(os.path.abspath(args.key_file))
+    else:
+        key_file = login.default_key_file(config, table, url)
+    problem = login.key_file_problem(key_file)
+    if problem is not None:
+        print(f"reconnectd login: {problem}", file=err)
+        return EXIT_CANTCREAT
+    stored = False
+    try:
+        ca_file = table.ca_file if isinstance(table, login.Table) else None
+        result = login.request_api_key(url, out, ca_file=ca_file)
+        if isinstance(result, login.LoginFailed):
+            print(f"reconnectd login: {result.message}", file=err)
+            if result.kind is login.Failure.NO_WORKFLOW:
+                print(login.manual_steps(key_file, table, path), file=err)
+            return _LOGIN_EXIT[result.kind]
+        try:
+            owner = login.store_key(key_file, result.api_key)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            print(
+                f'reconnectd login: cannot write the key to "{key_file}": {reason}. OctoPrint'
+                f' keeps it: copy it from {login.MANUAL_PLACE} ("{login.APP_NAME}").',
+                file=err,
+            )
+            return EXIT_CANTCREAT
+        stored = True
+        mode = f"mode 0600, owner {owner}" if owner else "mode 0600"
+        print(f"Stored the key in {key_file} ({mode}).", file=out)
+        outcome = login.point_config(config, table, key_file, url)
+        print(outcome.message, file=out if outcome.ok else err)
+        print(
+            "Then: sudo systemctl reload reconnectd; reconnectd check --online tells whether"
+            " the key may connect the printer.",
+            file=out,
+        )
+        return EXIT_OK
+    except KeyboardInterrupt:
+        done = f"the key is stored in {key_file}" if stored else "no key was stored"
+        print(f"reconnectd login: interrupted; {done}.", file=err)
+        return EXIT_INTERRUPTED
