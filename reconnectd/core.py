@@ -352,7 +352,7 @@ class PrinterCore:
             self._opening_since = None
             return self._look_again(now, "OctoPrint is connecting")
         if phase == Phase.OPENING:
-            return self._opening(now)
+            return self._opening(now, view.state)
         if phase == Phase.ERROR:
             # Closing takes milliseconds: look again soon, then decide on "Closed".
             return self._look_again(now, "OctoPrint is closing after an error", CONFIRM_FIRST)
@@ -388,7 +388,7 @@ class PrinterCore:
             actions.append(self._decided(now, "leave", f"OctoPrint is {view.state}"))
         return actions
 
-    def _opening(self, now: float) -> list[Action]:
+    def _opening(self, now: float, state: str) -> list[Action]:
         if self._opening_since is None:
             self._opening_since = now
         stuck_for = now - self._opening_since
@@ -407,7 +407,9 @@ class PrinterCore:
             self._decided(
                 now,
                 "disconnect",
-                f'OctoPrint stuck in "Opening serial connection" for {stuck_for:.0f} s',
+                # OctoPrint's own words: "Opening serial connection" on 1.x,
+                # "Connecting" on 2.0, which also means opening there.
+                f'OctoPrint stuck in "{state}" for {stuck_for:.0f} s',
                 level=logging.WARNING,
             )
         ]

@@ -41,7 +41,7 @@ from reconnectd.core import (
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
 from reconnectd.matching import matching_printers
-from reconnectd.octoprint_state import CommandResult, ReadResult, Unreachable
+from reconnectd.octoprint_state import CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import iso_utc, state_dir, status_path, summary_line
 from reconnectd.workers import RequestWorkers
@@ -72,6 +72,12 @@ class OctoPrint(Protocol):
     def close(self) -> None: ...
 
 
+class WatchedOctoPrint(OctoPrint, Protocol):
+    """What the loop needs of the clients it runs: also the start-up plugin check."""
+
+    def reconnect_plugins(self) -> list[tuple[str, str]] | Unreachable | Refused: ...
+
+
 class Notifier(Protocol):
     """The service manager: ``systemd.Notifier`` in production."""
 
@@ -84,14 +90,14 @@ class Notifier(Protocol):
     def watchdog_interval(self) -> float | None: ...
 
 
-ApiFactory = Callable[[OctoPrintConfig], OctoPrint]
+ApiFactory = Callable[[OctoPrintConfig], WatchedOctoPrint]
 
 
 @dataclass
 class _Printer:
     config: PrinterConfig
     core: PrinterCore
-    api: OctoPrint
+    api: WatchedOctoPrint
     devpath: str | None = None  # the device it owns now
     static: bool = False  # that device was found behind a static node, not by udev
     next_static_check: float | None = None
@@ -152,6 +158,7 @@ class Daemon:
         self._status_failed = False
         self._started = iso_utc(wall_clock())
         self._unmatched_warned: set[str] = set()
+        self._plugins_checked: set[str] = set()  # OctoPrint URLs asked about reconnect plugins
 
     # --- the loop -------------------------------------------------------------
 
@@ -243,6 +250,12 @@ class Daemon:
     def _on_results(self) -> None:
         now = self._clock()
         for completed in self._workers.collect():
+            if isinstance(completed.request, _PluginCheck):
+                self._workers.retire(completed.key)
+                if not isinstance(completed.result, list):
+                    self._plugins_checked.discard(completed.request.url)  # a reload asks again
+                _log_reconnect_plugins(completed.request.url, completed.result)
+                continue
             printer = self._printers.get(completed.key)
             if printer is None or printer.core is not completed.owner:
                 continue  # the printer was removed or replaced by a reload meanwhile
@@ -387,6 +400,22 @@ class Daemon:
             self._workers.retire(gone.config.name)
             gone.api.close()
         self._config = config
+        self._check_plugins()
+
+    def _check_plugins(self) -> None:
+        """Ask each OctoPrint not asked before whether a reconnect plugin runs in it.
+
+        In a thread of its own per OctoPrint, like every request: a hung OctoPrint
+        delays neither the loop nor its printers' first look.
+        """
+        for printer in self._printers.values():
+            url = printer.config.octoprint.url
+            if url in self._plugins_checked:
+                continue
+            self._plugins_checked.add(url)
+            # No printer name has a space: this thread is never a printer's.
+            key = f"plugins of {url}"
+            self._workers.submit(key, self, _PluginCheck(url), printer.api.reconnect_plugins)
 
     def _reload(self) -> None:
         try:
@@ -531,6 +560,41 @@ class Daemon:
             printer.api.close()
         self._source.close()
         self._selector.close()
+
+
+@dataclass(frozen=True)
+class _PluginCheck:
+    """The request for an OctoPrint's reconnect plugins (see ``Daemon._check_plugins``)."""
+
+    url: str
+
+
+def _log_reconnect_plugins(url: str, result: object) -> None:
+    """Given an OctoPrint's URL and what asking for its reconnect plugins gave, warn
+    once per plugin found. A failed check never stops anything: a refused one (a key
+    without SETTINGS_READ) is said at info level, an unanswered one at debug."""
+    if isinstance(result, Refused):
+        # A key without the SETTINGS_READ permission: worth knowing, never fatal.
+        log.info(
+            "cannot check OctoPrint at %s for reconnect plugins: HTTP %d: %s",
+            url,
+            result.status,
+            result.reason,
+        )
+        return
+    if not isinstance(result, list):
+        log.debug("cannot check OctoPrint at %s for reconnect plugins: %s", url, result)
+        return
+    if not result:
+        log.debug("OctoPrint at %s runs no reconnect plugin", url)
+    for identifier, name in result:
+        log.warning(
+            "OctoPrint at %s runs the %s plugin (%s), which reconnects the printer too: "
+            "two reconnectors fight (it reconnects after your Disconnect); disable one",
+            url,
+            name,
+            identifier,
+        )
 
 
 def _static_printers(config: Config) -> list[str]:

@@ -1,10 +1,15 @@
 """reconnectd's one HTTP client for OctoPrint's REST API (the 1.x connection API).
 
+The 1.x connection API is what OctoPrint 1.9 to 2.0 all serve: 2.0 serves its new
+shape of ``/api/connection`` only to a request with an ``X-OctoPrint-Api-Version``
+header, which this client never sends. What still differs is read in
+:mod:`reconnectd.octoprint_state`.
+
 Every call returns a value (:mod:`reconnectd.octoprint_state`), never raises for
 anything the network or OctoPrint can do: the main loop decides when to retry.
 Every request has a timeout, so the worst a call can block is known in advance:
-``read()`` makes two requests, each bounded by ``timeout`` to connect and ``timeout``
-between bytes of the answer.
+``read()`` makes two requests (three while OctoPrint says "Connecting"), each
+bounded by ``timeout`` to connect and ``timeout`` between bytes of the answer.
 
 The API key goes into the session's headers and nowhere else: no reason string,
 repr or log line contains it.
@@ -17,6 +22,7 @@ whose reason says why in a few words ("certificate verify failed: ...").
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import http.cookiejar
 import logging
@@ -31,9 +37,13 @@ from reconnectd.octoprint_state import (
     Accepted,
     CommandResult,
     OctoPrintView,
+    Phase,
     ReadResult,
     Refused,
     Unreachable,
+    error_of,
+    phase_of,
+    reconnect_plugins,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +56,8 @@ _MESSAGE_LIMIT = 200
 
 # Statuses that mean "OctoPrint understood and said no": retrying the same request
 # will not help until something changes (the key, the port list, the printer state).
-_REFUSALS = frozenset({400, 409, 415})
+# 412 is OctoPrint 2.0's "preconditions for connecting weren't met": the port is gone.
+_REFUSALS = frozenset({400, 409, 412, 415})
 
 _Answer = Union[requests.Response, Unreachable]
 
@@ -75,6 +86,10 @@ class OctoPrintApi:
         self._verify: str | bool = True if self._ca_file is None else self._ca_file
         self._session.verify = self._verify
         self._session.headers["User-Agent"] = USER_AGENT
+        # One connection per request: OctoPrint 1.9 closes a connection after each
+        # answer without saying so, and a request sent on it in that instant is
+        # reset (seen against a real 1.9.3). reconnectd asks rarely; nothing is lost.
+        self._session.headers["Connection"] = "close"
         # Stateless on purpose: no session cookie may keep a revoked key's login alive,
         # and every request stands on the key alone.
         self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -95,8 +110,10 @@ class OctoPrintApi:
         """Given nothing, return OctoPrint's connection state as an :class:`OctoPrintView`.
 
         Reads ``/api/connection`` and then ``/api/job`` (the only place that tells a
-        manual Disconnect from a closed-after-error). Return :class:`Unreachable` or
-        :class:`Refused` if either request fails.
+        manual Disconnect from a closed-after-error), and ``/api/version`` when the
+        state is ``"Connecting"``, a word that means more in OctoPrint 2.0 (see
+        :func:`~reconnectd.octoprint_state.phase_of`). Return :class:`Unreachable` or
+        :class:`Refused` if one of the first two requests fails.
         """
         connection = self._request("GET", "/api/connection")
         if not isinstance(connection, requests.Response):
@@ -117,9 +134,31 @@ class OctoPrintApi:
         if isinstance(job_body, Unreachable):
             return job_body
         try:
-            return _view(connection_body, job_body)
+            view = _view(connection_body, job_body)
         except _WrongShape as exc:
             return Unreachable(f"answer has an unexpected shape: {exc}")
+        if view.state.strip().lower() != "connecting":
+            return view
+        version = self._get_json("/api/version")
+        server = version.get("server") if isinstance(version, dict) else None
+        if not isinstance(server, str):
+            # Only the reading of "Connecting" depends on it: read as 1.x means it
+            # (still trying), and the next look asks again.
+            return view
+        return dataclasses.replace(view, version=server)
+
+    def reconnect_plugins(self) -> list[tuple[str, str]] | Unreachable | Refused:
+        """Return the reconnect plugins enabled in this OctoPrint, as (identifier, name).
+
+        Read from ``GET /api/settings``, which lists every enabled plugin with
+        settings and needs no plugin of its own (the Plugin Manager may be disabled).
+        The key needs the SETTINGS_READ permission (Application Keys of an admin or
+        a normal user have it): :class:`Refused` 403 otherwise.
+        """
+        body = self._get_json("/api/settings")
+        if isinstance(body, (Unreachable, Refused)):
+            return body
+        return reconnect_plugins(body.get("plugins"))
 
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
         """Given a port (and optionally a baudrate and profile), ask OctoPrint to connect.
@@ -146,6 +185,16 @@ class OctoPrintApi:
         self._session.close()
 
     # -- internals -------------------------------------------------------------
+
+    def _get_json(self, path: str) -> dict[str, Any] | Unreachable | Refused:
+        """Given a path, GET it and return its JSON object, or why not."""
+        answer = self._request("GET", path)
+        if not isinstance(answer, requests.Response):
+            return answer
+        refused = self._refusal(answer)
+        if refused is not None:
+            return refused
+        return self._json(answer)
 
     def _command(self, body: dict[str, Any]) -> CommandResult:
         answer = self._request("POST", "/api/connection", body)
@@ -331,6 +380,9 @@ def _view(connection: dict[str, Any], job: dict[str, Any]) -> OctoPrintView:
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in baudrates):
         raise _WrongShape(f"{where}: baudrates is not a list of numbers")
     error = _optional(job, "error", str, "/api/job")
+    if phase_of(state) == Phase.CLOSED:
+        # OctoPrint 2.0 says "Offline after error" here without the error's text.
+        error = error_of(_optional(job, "state", str, "/api/job"), error)
     return OctoPrintView(
         state=state,
         port=port,

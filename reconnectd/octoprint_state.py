@@ -9,9 +9,20 @@ OctoPrint's traps, and why the code below looks the way it does:
   device and a firmware fatal error alike. The difference is only visible in
   ``GET /api/job``: ``"Offline"`` with no error, or ``"Offline after error"`` with
   the error text. Both are read together into one :class:`OctoPrintView`.
-* OctoPrint 2.0 says ``"Offline"`` where 1.x says ``"Closed"``.
 * A connect is silently ignored while any connection object exists, so the only
   safe moment to connect is ``Phase.CLOSED``.
+
+What differs between versions (each seen against a real one, 1.9.3 to 2.0.0rc7):
+
+* OctoPrint 2.0 says ``"Offline"`` where 1.x says ``"Closed"``.
+* OctoPrint 2.0 says ``"Connecting"`` both while it opens the port (where 1.x says
+  ``"Opening serial connection"``, and where both hang forever on a node that
+  cannot be opened) and while it greets the firmware: from 2.0 on, "Connecting"
+  is read as ``Phase.OPENING``, so that a connection stuck there is recovered.
+* OctoPrint 2.0.0rc7 loses the error text: after a vanished device, a silent
+  printer or a firmware ``kill()`` alike, ``/api/job`` says ``"Offline after
+  error"`` with no ``error`` (and ``/api/printer/error`` is empty). Such an error
+  cannot be told from a firmware stop, so it counts as one (:func:`error_of`).
 """
 
 from __future__ import annotations
@@ -43,20 +54,58 @@ _PHASE_BY_STATE: dict[str, Phase] = {
     "detecting serial connection": Phase.CONNECTING,
     "detecting serial port": Phase.CONNECTING,
     "detecting baudrate": Phase.CONNECTING,
+    "detecting": Phase.CONNECTING,  # OctoPrint 2.0, from a connector that says no more
     "connecting": Phase.CONNECTING,
     "operational": Phase.OPERATIONAL,
     "error": Phase.ERROR,
 }
 
 
-def phase_of(state: str) -> Phase:
-    """Given OctoPrint's ``current.state`` text, return its :class:`Phase`.
+def phase_of(state: str, version: str | None = None) -> Phase:
+    """Given OctoPrint's ``current.state`` text (and its version, when known), return
+    its :class:`Phase`.
 
     Every state not known to be closed, opening, connecting, operational or error
     (printing, paused, cancelling, transferring to SD, and any state a future
-    OctoPrint invents) is ``BUSY``: unknown means hands off.
+    OctoPrint invents) is ``BUSY``: unknown means hands off. From 2.0 on,
+    ``"Connecting"`` is ``OPENING``: 2.0 uses that one word for opening the port too,
+    and only OPENING is recovered when it lasts.
     """
-    return _PHASE_BY_STATE.get(state.strip().lower(), Phase.BUSY)
+    text = state.strip().lower()
+    if text == "connecting" and is_2_or_later(version):
+        return Phase.OPENING
+    return _PHASE_BY_STATE.get(text, Phase.BUSY)
+
+
+def is_2_or_later(version: str | None) -> bool:
+    """Given OctoPrint's version text (``"2.0.0rc7"``, ``"1.11.8"``), return whether it
+    is 2.0 or later; an unknown or unreadable version is not."""
+    if not version:
+        return False
+    major = version.strip().split(".", 1)[0]
+    return major.isdigit() and int(major) >= 2
+
+
+# What a closed OctoPrint's error is taken to be when /api/job says there was one but
+# not which (OctoPrint 2.0.0rc7 drops the text when it closes the connection).
+UNNAMED_ERROR = (
+    'OctoPrint says "Offline after error" but not which error (OctoPrint 2.0 does not '
+    "report it); taken as a firmware stop"
+)
+
+
+def error_of(job_state: str | None, error: str | None) -> str | None:
+    """Given ``/api/job``'s ``state`` and ``error`` while no connection exists, return
+    the error text to decide on.
+
+    The error text when there is one; :data:`UNNAMED_ERROR` when the state says there
+    was an error but no text came (OctoPrint 2.0); None when there was no error.
+    """
+    if error is not None and error.strip():
+        return error
+    if job_state is not None and "error" in job_state.strip().lower():
+        return UNNAMED_ERROR
+    return None
 
 
 class ErrorKind(enum.Enum):
@@ -129,10 +178,11 @@ class OctoPrintView:
     port_preference: str | None = None
     baudrate_preference: int | None = None
     profile_preference: str | None = None
+    version: str | None = None  # OctoPrint's, read only when a state text needs it
 
     @property
     def phase(self) -> Phase:
-        return phase_of(self.state)
+        return phase_of(self.state, self.version)
 
     @property
     def error_kind(self) -> ErrorKind:
@@ -167,3 +217,38 @@ class Refused:
 
 ReadResult = Union[OctoPrintView, Unreachable, Refused]
 CommandResult = Union[Accepted, Unreachable, Refused]
+
+
+# OctoPrint plugins that reconnect the printer on their own, by plugin identifier (the
+# key of their settings under ``plugins`` in /api/settings, compared without case),
+# with the name their users know. Two reconnectors fight: each undoes the other's
+# decision (a Disconnect reconnectd respects, a plugin reconnects).
+RECONNECT_PLUGINS: dict[str, str] = {
+    "serialreconnect": "SerialReconnect",
+    "portretry": "PortRetry",
+    "portretryplus": "PortRetryPlus",
+    "autoconnectplus": "AutoConnectPlus",
+    "reconnectguru": "ReconnectGuru",  # its first releases
+    "reconnect_guru": "ReconnectGuru",
+}
+
+
+def reconnect_plugins(plugin_settings: object) -> list[tuple[str, str]]:
+    """Given the ``plugins`` object of ``GET /api/settings``, return the reconnect
+    plugins in it as (identifier, name), sorted by identifier.
+
+    OctoPrint lists there every enabled plugin that has settings, under its
+    identifier. A plugin whose own ``enabled`` setting is false is loaded but idle,
+    and is left out. Anything that is not an object yields nothing.
+    """
+    if not isinstance(plugin_settings, dict):
+        return []
+    found: list[tuple[str, str]] = []
+    for identifier, settings in plugin_settings.items():
+        name = RECONNECT_PLUGINS.get(str(identifier).lower())
+        if name is None:
+            continue
+        if isinstance(settings, dict) and settings.get("enabled") is False:
+            continue
+        found.append((str(identifier), name))
+    return sorted(found)

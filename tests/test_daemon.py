@@ -118,6 +118,9 @@ class FakeOctoPrint:
             self.state, self.error = "Closed", None
             return Accepted()
 
+    def reconnect_plugins(self) -> list[tuple[str, str]] | Refused:
+        return []  # the real check runs against a real OctoPrint in test_octoprint_versions.py
+
     def set(self, state: str, error: str | None = None) -> None:
         with self.lock:
             self.state, self.error = state, error

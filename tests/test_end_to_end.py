@@ -9,7 +9,6 @@ of the contract, each asserting what OctoPrint really did.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -17,135 +16,40 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
+from tests.support.bench import (
+    SETTLE,
+    Bench,
+    new_serial,
+    open_bench,
+    serial_numbers,
+    stays,
+    tidy,
+    wait_operational,
+)
 from tests.support.daemon_process import DaemonProcess
-from tests.support.fake_marlin import FakeMarlin
 from tests.support.octoprint_instance import OctoPrintInstance
-from tests.support.printers import SimulatedPrinters
 from tests.support.real import require_umockdev_and_octoprint
-from tests.support.testbed import Plugged, Testbed
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
-SETTLE = 0.5
 REPO = Path(__file__).resolve().parents[1]
-_serials = itertools.count(1)
-
-
-@dataclass
-class Bench:
-    """The session's testbed and OctoPrint, plus helpers to play a printer."""
-
-    testbed: Testbed
-    octoprint: OctoPrintInstance
-    workdir: Path
-    stuck_node: Path
-    printers: SimulatedPrinters
-
-    def plug(self, serial: str, *, silent: bool = False) -> tuple[Plugged, FakeMarlin]:
-        """Switch the printer on: its USB device appears and its firmware answers."""
-        plugged, marlin = self.printers.switch_on(serial, silent=silent)
-        assert marlin is not None
-        return plugged, marlin
-
-    def power_cycle(self, plugged: Plugged) -> tuple[Plugged, FakeMarlin]:
-        """Switch the printer off and on: it comes back under a new node."""
-        assert plugged.serial is not None
-        self.printers.switch_off(plugged)
-        return self.plug(plugged.serial)
-
-    def config(
-        self, serial: str, *, settle: float = SETTLE, key: str | None = None, poll: float = 0
-    ) -> str:
-        return (
-            "[octoprint]\n"
-            f'url = "{self.octoprint.url}"\n'
-            f'api_key = "{key or self.octoprint.api_key}"\n'
-            "timeout = 5\n\n"
-            "[[printer]]\n"
-            'name = "mk3s"\n'
-            'vendor_id = "2c99"\n'
-            'product_id = "0002"\n'
-            f'serial = "{serial}"\n'
-            f"settle = {settle}\n"
-            f"poll = {poll}\n"
-        )
-
-    def daemon(self, name: str, serial: str, **kw: object) -> DaemonProcess:
-        config = self.config(serial, **kw)  # type: ignore[arg-type]
-        return DaemonProcess(self.workdir / name, config, env=self.testbed.env)
-
-    def state(self) -> str:
-        return str(self.octoprint.connection()["current"]["state"])
-
-    def port(self) -> str | None:
-        port = self.octoprint.connection()["current"]["port"]
-        return None if port is None else str(port)
-
-    def api(self, method: str, path: str, **kw: object) -> requests.Response:
-        response = requests.request(
-            method,
-            f"{self.octoprint.url}{path}",
-            headers={"X-Api-Key": self.octoprint.api_key},
-            timeout=10,
-            **kw,  # type: ignore[arg-type]
-        )
-        response.raise_for_status()
-        return response
 
 
 @pytest.fixture(scope="module")
 def session_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     require_umockdev_and_octoprint()
-    workdir = tmp_path_factory.mktemp("e2e")
-    stuck_dir = workdir / "static"
-    stuck_dir.mkdir()
-    stuck_node = stuck_dir / "ttySTUCK0"
-    # A character node with no driver behind it: opening it fails with ENXIO, as an
-    # LXC container's static node does when the printer is not attached.
-    os.mknod(stuck_node, 0o666 | 0o020000, os.makedev(166, 99))
-    with Testbed(workdir / "testbed") as testbed:
-        instance = OctoPrintInstance(
-            workdir / "octoprint",
-            env=testbed.env,
-            additional_ports=[
-                "/dev/serial/by-id/*",
-                f"{stuck_dir}/ttySTUCK*",
-            ],
-        )
-        with instance:
-            yield Bench(testbed, instance, workdir, stuck_node, SimulatedPrinters(testbed))
+    with open_bench(tmp_path_factory.mktemp("e2e")) as bench:
+        yield bench
 
 
 @pytest.fixture
 def bench(session_bench: Bench) -> Iterator[Bench]:
     yield session_bench
-    # Leave OctoPrint closed and the bench empty for the next test.
-    if not session_bench.octoprint.running:
-        session_bench.octoprint.start()
-    session_bench.octoprint.reset()
-    session_bench.printers.clear()
-
-
-def new_serial() -> str:
-    return f"CZPX{os.getpid()}X{next(_serials):03d}"
-
-
-def wait_operational(bench: Bench, timeout: float = 30.0) -> None:
-    bench.octoprint.wait_for_state("Operational", timeout)
-
-
-def stays(bench: Bench, state: str, seconds: float) -> None:
-    """Assert OctoPrint stays in `state` for `seconds` (a real process: real time)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert bench.state() == state, f"OctoPrint left {state}: {bench.state()}"
-        time.sleep(0.2)
+    tidy(session_bench)
 
 
 # --- behaviour 1: a device that came back is connected once, after settling -------
@@ -235,17 +139,17 @@ def test_manual_disconnect_is_respected_across_reload_and_restart(bench: Bench) 
         wait_operational(bench)
         daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
         bench.octoprint.disconnect()  # the user clicks Disconnect
-        bench.octoprint.wait_for_state("Closed", 10)
+        bench.octoprint.wait_for_state(bench.octoprint.closed_state, 10)
         daemon.signal(signal.SIGHUP)  # reconnectd looks again
         daemon.wait_for_printer(
             "mk3s", lambda r: r["state"] == "holding after manual disconnect", "the hold"
         )
-        stays(bench, "Closed", 2.0)
+        stays(bench, bench.octoprint.closed_state, 2.0)
     with bench.daemon("manual", serial) as again:  # a restart does not forget it
         again.wait_for_printer(
             "mk3s", lambda r: r["state"] == "holding after manual disconnect", "the hold"
         )
-        stays(bench, "Closed", 2.0)
+        stays(bench, bench.octoprint.closed_state, 2.0)
         bench.power_cycle(plugged)  # switched off and on: connect again
         wait_operational(bench)
         row = again.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
@@ -282,14 +186,15 @@ def test_stuck_opening_state_is_recovered(bench: Bench) -> None:
     serial = new_serial()
     plugged, _marlin = bench.plug(serial)
     bench.octoprint.connect(str(bench.stuck_node), 115200)
-    bench.octoprint.wait_for_state("Opening serial connection", 10)
+    opening = bench.octoprint.opening_state
+    bench.octoprint.wait_for_state(opening, 10)
     time.sleep(1.0)
-    assert bench.state() == "Opening serial connection", "the node must really hang OctoPrint"
+    assert bench.state() == opening, "the node must really hang OctoPrint"
     with bench.daemon("stuck", serial) as daemon:
         wait_operational(bench, timeout=60)
         assert bench.port() == plugged.by_id
     log = daemon.log()
-    assert 'stuck in "Opening serial connection"' in log
+    assert f'stuck in "{opening}"' in log
     assert "the stuck connection was closed: connecting to" in log
 
 
@@ -389,7 +294,7 @@ def test_static_node_in_a_container_is_connected_only_while_a_device_is_behind_i
     # umockdev emulates: a link to the pty behind the printer, and its device number
     # as the target of a link in dev/.node. A ttyACM name far above the testbed's
     # own, which OctoPrint's port scan lists.
-    n = next(_serials)
+    n = next(serial_numbers)
     name = f"ttyACM9{n}"
     number = f"166:{900 + n}"
     node = bench.testbed.root / "dev" / name
@@ -542,3 +447,54 @@ def test_check_online_against_a_real_octoprint(
     assert done.returncode == code, done.stdout + done.stderr
     assert says in done.stdout
     assert bench.state() == "Closed", "the permission probe must not connect anything"
+
+
+# --- a reconnect plugin in OctoPrint fights reconnectd: say so --------------------
+
+# A stand-in for OctoPrint-PortRetry: a single-file plugin takes its identifier from
+# its file name, so OctoPrint loads this as "portretry" and lists its settings under
+# plugins.portretry, exactly as for the real plugin (whose timer is left out).
+PORTRETRY_STAND_IN = """\
+import octoprint.plugin
+
+
+class PortRetryStandIn(octoprint.plugin.SettingsPlugin):
+    def get_settings_defaults(self):
+        return {"interval": 5}
+
+
+__plugin_name__ = "PortRetry (reconnectd test stand-in)"
+__plugin_pythoncompat__ = ">=3.7,<4"
+__plugin_implementation__ = PortRetryStandIn()
+"""
+
+
+def wait_for_log(daemon: DaemonProcess, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{daemon.log()}"
+        time.sleep(0.05)
+
+
+def test_an_enabled_reconnect_plugin_is_warned_about(bench: Bench) -> None:
+    """Two printers, each with its OctoPrint: one runs PortRetry, the other nothing."""
+    with OctoPrintInstance(
+        bench.workdir / "octoprint-with-portretry",
+        octoprint_bin=bench.octoprint.octoprint_bin,
+        plugins={"portretry.py": PORTRETRY_STAND_IN},
+    ) as other:
+        config = bench.config(new_serial()) + (
+            "\n[[printer]]\n"
+            'name = "ender"\n'
+            'vendor_id = "1a86"\n'
+            'product_id = "7523"\n'
+            "[printer.octoprint]\n"
+            f'url = "{other.url}"\n'
+            f'api_key = "{other.api_key}"\n'
+        )
+        with DaemonProcess(bench.workdir / "plugins", config, env=bench.testbed.env) as daemon:
+            wait_for_log(daemon, f"OctoPrint at {other.url} runs the PortRetry plugin (portretry)")
+            wait_for_log(daemon, f"OctoPrint at {bench.octoprint.url} runs no reconnect plugin")
+    warnings = [line for line in daemon.log().splitlines() if "two reconnectors fight" in line]
+    assert len(warnings) == 1, daemon.log()
+    assert "WARNING" in warnings[0] and other.url in warnings[0]

@@ -5,6 +5,12 @@ no first-run wizard, nothing that reaches out to the internet, short serial time
 (a silent firmware is noticed in seconds, not minutes), ``serial.log`` on, an admin
 user and a known application key. The machine's own serial ports are blacklisted so
 that an AUTO connect can never poke at real hardware.
+
+Any OctoPrint from 1.9 on: 2.0 keeps the serial settings under
+``plugins.serial_connector`` and the connection preferences under
+``printerConnection``, and names two connection states differently (see
+:class:`OctoPrintInstance`). ``$OCTOPRINT_BIN`` is the one most tests use;
+``$OCTOPRINT_BINS`` names the others the core scenarios run against.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from typing import Any, Callable, Union
 
 import requests
 
-DEFAULT_OCTOPRINT_BIN = Path.home() / ".cache/reconnectd-tests/octoprint-1.11.8/bin/octoprint"
+CACHE = Path.home() / ".cache/reconnectd-tests"
+DEFAULT_OCTOPRINT_BIN = CACHE / "octoprint-1.11.8/bin/octoprint"
+# The versions besides 1.11.8 that tests/bootstrap installs, when $OCTOPRINT_BINS
+# does not say where they are.
+OTHER_VERSIONS = ("1.9.3", "1.10.3", "2.0.0rc7")
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -54,6 +64,43 @@ def octoprint_bin() -> str:
     return os.environ.get("OCTOPRINT_BIN") or str(DEFAULT_OCTOPRINT_BIN)
 
 
+def other_octoprint_bins() -> dict[str, str]:
+    """Return the other OctoPrint versions to test against, version to executable.
+
+    From ``$OCTOPRINT_BINS`` (``1.9.3=/path/bin/octoprint,...``, as tests/bootstrap
+    prints it), else the bootstrap's cache paths for :data:`OTHER_VERSIONS`. An
+    executable may be missing: the caller decides whether that skips or fails.
+    """
+    listed = os.environ.get("OCTOPRINT_BINS")
+    if not listed:
+        return {v: str(CACHE / f"octoprint-{v}/bin/octoprint") for v in OTHER_VERSIONS}
+    bins: dict[str, str] = {}
+    for entry in listed.split(","):
+        version, _, path = entry.strip().partition("=")
+        if version and path:
+            bins[version] = path
+    return bins
+
+
+_versions: dict[str, str] = {}
+
+
+def octoprint_version(binary: str) -> str:
+    """Given an OctoPrint executable, return its version (``2.0.0rc7``); raise if it has none."""
+    if binary not in _versions:
+        done = subprocess.run(
+            [binary, "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=START_TIMEOUT,
+        )
+        # "octoprint, version 1.11.8"
+        _versions[binary] = done.stdout.strip().rsplit(" ", 1)[-1]
+    return _versions[binary]
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -72,7 +119,11 @@ def real_serial_ports() -> list[str]:
 
 
 class OctoPrintInstance:
-    """One OctoPrint server process; a context manager that starts and stops it."""
+    """One OctoPrint server process; a context manager that starts and stops it.
+
+    ``closed_state`` and ``opening_state`` are this version's words, in
+    ``/api/connection`` ``current.state``, for no connection and for opening the port.
+    """
 
     def __init__(
         self,
@@ -82,6 +133,7 @@ class OctoPrintInstance:
         env: Mapping[str, str] | None = None,
         additional_ports: Sequence[str] = (),
         octoprint_bin: str | None = None,
+        plugins: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.basedir = self.workdir / "basedir"
@@ -91,6 +143,8 @@ class OctoPrintInstance:
         self.password = secrets.token_hex(8)
         self.env = dict(env or {})
         self.additional_ports = list(additional_ports)
+        # Single-file plugins for the basedir's plugins/ folder: file name to source.
+        self.plugins = dict(plugins or {})
         self.octoprint_bin = octoprint_bin or _default_bin()
         self.console_log = self.workdir / "octoprint-console.log"
         self.octoprint_log = self.basedir / "logs" / "octoprint.log"
@@ -98,6 +152,9 @@ class OctoPrintInstance:
         self._process: subprocess.Popen[bytes] | None = None
         self._session = requests.Session()
         self._session.headers["X-Api-Key"] = self.api_key
+        # OctoPrint 1.9.3 drops every connection after answering without saying so;
+        # a request sent on it in that instant is reset.
+        self._session.headers["Connection"] = "close"
 
     def __enter__(self) -> OctoPrintInstance:
         self.start()
@@ -109,6 +166,23 @@ class OctoPrintInstance:
 
     def __repr__(self) -> str:
         return f"OctoPrintInstance({self.url}, basedir={str(self.basedir)!r})"
+
+    @property
+    def version(self) -> str:
+        return octoprint_version(self.octoprint_bin)
+
+    @property
+    def is_2(self) -> bool:
+        """Whether this is OctoPrint 2.0 or later (connectors, new settings, new states)."""
+        return int(self.version.split(".")[0]) >= 2
+
+    @property
+    def closed_state(self) -> str:
+        return "Offline" if self.is_2 else "Closed"
+
+    @property
+    def opening_state(self) -> str:
+        return "Connecting" if self.is_2 else "Opening serial connection"
 
     # -- process ---------------------------------------------------------------
 
@@ -163,7 +237,14 @@ class OctoPrintInstance:
                 )
             try:
                 # /api/version, not /: a placeholder server answers / before the API is up.
-                answer = self._session.get(f"{self.url}/api/version", timeout=2)
+                # A connection of its own, closed after each answer: one kept alive by
+                # the session could belong to that placeholder, which resets it when
+                # the real server takes over (seen with 1.9.3).
+                answer = requests.get(
+                    f"{self.url}/api/version",
+                    headers={"X-Api-Key": self.api_key, "Connection": "close"},
+                    timeout=2,
+                )
             except requests.RequestException as exc:
                 last = type(exc).__name__
             else:
@@ -206,7 +287,13 @@ class OctoPrintInstance:
 
     def _write_basedir(self) -> None:
         self.basedir.mkdir(parents=True, exist_ok=True)
-        config = {
+        serial: dict[str, Any] = {
+            "log": True,
+            "timeout": {"connection": 2, "communication": 1, "temperature": 1},
+            "maxCommunicationTimeouts": {"idle": 1},
+            "additionalPorts": self.additional_ports,
+        }
+        config: dict[str, Any] = {
             "server": {
                 "firstRun": False,
                 "onlineCheck": {"enabled": False},
@@ -214,17 +301,23 @@ class OctoPrintInstance:
                 "pythonEolCheck": {"enabled": False},
             },
             "plugins": {"_disabled": list(DISABLED_PLUGINS)},
-            "serial": {
-                "autoconnect": False,
-                "log": True,
-                "timeout": {"connection": 2, "communication": 1, "temperature": 1},
-                "maxCommunicationTimeouts": {"idle": 1},
-                "blacklistedPorts": real_serial_ports(),
-                "additionalPorts": self.additional_ports,
-            },
         }
+        if self.is_2:
+            # 2.0 (plugins/serial_connector): the serial settings belong to the
+            # serial connector plugin, "blacklisted" became "blocklisted", and
+            # autoconnect is the printer connection's.
+            serial["blocklistedPorts"] = real_serial_ports()
+            config["plugins"]["serial_connector"] = serial
+            config["printerConnection"] = {"autoconnect": False}
+        else:
+            serial["blacklistedPorts"] = real_serial_ports()
+            config["serial"] = {"autoconnect": False, **serial}
         # JSON is YAML: no YAML library needed in the test venv.
         (self.basedir / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")
+        if self.plugins:
+            (self.basedir / "plugins").mkdir(exist_ok=True)
+            for name, source in self.plugins.items():
+                (self.basedir / "plugins" / name).write_text(source)
         subprocess.run(
             [
                 self.octoprint_bin,
@@ -333,9 +426,9 @@ class OctoPrintInstance:
             time.sleep(0.05)
 
     def reset(self) -> None:
-        """Disconnect and wait until OctoPrint is ``Closed``."""
+        """Disconnect and wait until OctoPrint has no connection (``closed_state``)."""
         self.disconnect()
-        self.wait_for_state("Closed", 15)
+        self.wait_for_state(self.closed_state, 15)
 
 
 def _default_bin() -> str:
