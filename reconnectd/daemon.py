@@ -466,7 +466,6 @@ class Daemon:
                 self._saved_memory = memory  # logged once per change, not per wake-up
         printers = self._printer_status()
         if printers != self._written_status:
-            self._written_status = printers
             document = {
                 "version": 1,
                 "pid": os.getpid(),
@@ -477,11 +476,17 @@ class Daemon:
             }
             try:
                 write_json_atomic(self._status_path, document)
-                self._status_failed = False
             except OSError as error:
+                # Tried again on every wake-up (the watchdog's at least), so the file
+                # is back soon after the fault ends; said once, not per try.
                 if not self._status_failed:
                     log.warning("cannot write the status file %s: %s", self._status_path, error)
                 self._status_failed = True
+            else:
+                self._written_status = printers
+                if self._status_failed:
+                    log.info("the status file %s is written again", self._status_path)
+                self._status_failed = False
         # On every wake-up: the notifier sends only a changed line, and one that did
         # not fit in systemd's full queue last time is sent again now.
         self._notifier.status(self._summary(printers))

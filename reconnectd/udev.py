@@ -10,6 +10,7 @@ module ever touches pyudev.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import pyudev
@@ -144,11 +145,20 @@ class UdevWatcher:
     ``start`` opens the monitor before enumerating, so a tty that appears in
     between is reported twice (enumerated and added) rather than never; the
     daemon's matching is idempotent for that.
+
+    The watcher remembers which ttys it has reported present. When the monitor's
+    socket overflows (ENOBUFS: more uevents came than its receive buffer holds, and
+    the kernel dropped some), it enumerates again and reports the difference as
+    the events that were lost: a tty gone (or replaced by a new instance) is
+    removed, a new one added.
     """
 
     def __init__(self, context: pyudev.Context | None = None) -> None:
         self._context = context if context is not None else pyudev.Context()
         self._monitor: pyudev.Monitor | None = None
+        self._known: dict[str, Device] = {}  # devpath -> the tty as last reported
+        self._overflows = 0
+        self._failing: str | None = None  # a receive error other than ENOBUFS, once logged
 
     def start(self) -> list[Device]:
         """Given a watcher not yet started, start the monitor, then return the ttys present.
@@ -161,7 +171,9 @@ class UdevWatcher:
         monitor.filter_by("tty")
         monitor.start()
         self._monitor = monitor
-        return self._enumerate()
+        present = self._enumerate()
+        self._known = {device.devpath: device for device in present}
+        return present
 
     def _enumerate(self) -> list[Device]:
         return list_serial_devices(self._context)
@@ -180,7 +192,8 @@ class UdevWatcher:
         device with a ``change`` after its rules ran again (``udevadm trigger``),
         and the matching treats a second add of a known instance as a no-op.
         ``bind``, ``unbind``, ``move`` and the rest say nothing about the node
-        and are ignored. Raise RuntimeError if not started.
+        and are ignored. After an overflow (ENOBUFS) the events are those that
+        re-enumerating shows were lost. Raise RuntimeError if not started.
         """
         monitor = self._started()
         events: list[DeviceEvent] = []
@@ -188,16 +201,66 @@ class UdevWatcher:
             try:
                 udev_device = monitor.poll(timeout=0)
             except OSError as e:
-                # A receive error (ENOBUFS after an overflow) loses events but
-                # must not stop the daemon; the next readable turn tries again.
-                log.warning("reading udev events failed: %s", e)
+                if e.errno == errno.ENOBUFS:
+                    events.extend(self._resync())
+                else:
+                    self._receive_failed(e)
+                # Whatever is still queued is read on the loop's next turn, so a
+                # socket that keeps failing cannot hold the loop here.
                 break
             if udev_device is None:
                 break
+            self._failing = None
             event = self._event(udev_device)
             if event is not None:
+                self._note(event)
                 events.append(event)
         return events
+
+    def _note(self, event: DeviceEvent) -> None:
+        if isinstance(event, DeviceRemoved):
+            self._known.pop(event.devpath, None)
+        else:
+            self._known[event.device.devpath] = event.device
+
+    def _resync(self) -> list[DeviceEvent]:
+        """Given an overflow, return the events that re-enumerating shows were lost."""
+        self._overflows += 1
+        try:
+            present = {device.devpath: device for device in self._enumerate()}
+        except _GONE as e:
+            # libudev reads sysfs here; without it nothing can be compared. The
+            # next overflow or event gets another chance.
+            log.warning("udev events were lost, and re-reading the devices failed: %s", e)
+            return []
+        events: list[DeviceEvent] = []
+        for devpath, before in self._known.items():
+            after = present.get(devpath)
+            if after is None or after.instance != before.instance:
+                events.append(DeviceRemoved(devpath))
+        for devpath, after in present.items():
+            seen = self._known.get(devpath)
+            if seen is None or seen.instance != after.instance:
+                events.append(DeviceAdded(after))
+        self._known = present
+        gone = sum(isinstance(event, DeviceRemoved) for event in events)
+        found = f"{gone} gone, {len(events) - gone} new"
+        if self._overflows == 1:
+            log.warning(
+                "udev events were lost (the event socket's receive buffer overflowed); "
+                "re-read the present devices: %s",
+                found,
+            )
+        else:
+            # One warning tells a person; repeats would only crowd the journal.
+            log.info("udev events were lost again (overflow %d); %s", self._overflows, found)
+        return events
+
+    def _receive_failed(self, error: OSError) -> None:
+        text = str(error)
+        if text != self._failing:
+            log.warning("reading udev events failed: %s", text)
+        self._failing = text
 
     def _event(self, udev_device: pyudev.Device) -> DeviceEvent | None:
         try:

@@ -550,3 +550,35 @@ def test_two_entries_claiming_one_device_are_warned_about_by_name(
         "/dev/ttyACM0 matches several printers: any-prusa, mk3s; it goes to any-prusa" in w
         for w in warnings
     ), warnings
+
+
+def test_status_file_is_written_again_once_its_directory_can_be(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="reconnectd")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    status_dir = blocker / "run"
+    runtime["RUNTIME_DIRECTORY"] = str(status_dir)  # a file in the way
+    # Pinged every 0.1 s: the loop wakes up with nothing else happening.
+    runtime["WATCHDOG_USEC"] = "200000"
+    runtime["WATCHDOG_PID"] = str(os.getpid())
+
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the connect")
+        run.notify.wait_for(lambda m: m == "STATUS=mk3s: operational")
+        # The fault ends; nothing changes in the printer's state after it.
+        blocker.unlink()
+        wait_until(lambda: (status_dir / "status.json").exists(), "the status file")
+
+    run = run_daemon(tmp_path, runtime, scenario)
+    document = json.loads((status_dir / "status.json").read_text())
+    assert document["printers"][0]["state"] == "operational"
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "status file" in m] == [
+        f"cannot write the status file {status_dir / 'status.json'}: "
+        f"[Errno 20] Not a directory: '{status_dir}'",
+        f"the status file {status_dir / 'status.json'} is written again",
+    ]
+    assert run.exit_code == [0]

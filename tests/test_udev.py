@@ -376,3 +376,85 @@ def test_plugging_an_occupied_port_is_refused(bench: Testbed) -> None:
 
     with pytest.raises(TestbedError, match="USB port 1-1 already has a device"):
         bench.plug("ftdi", usb_port="1-1")
+
+
+def test_an_overflow_is_recovered_by_re_enumerating(
+    bench: Testbed, start_probe: ProbeFactory
+) -> None:
+    """ENOBUFS injected at the pyudev seam (umockdev's emulated netlink cannot
+    overflow, see tests/support/lossy_monitor.py); the re-enumeration is real."""
+    prusa = bench.plug("prusa_mk3", usb_port="1-1")
+    ftdi = bench.plug("ftdi", usb_port="1-2")
+    probe = start_probe()
+    present = {d.node for d in map(device_from_json, probe.call("start_lossy"))}
+    assert present == {prusa.node, ftdi.node}
+
+    # Three uevents lost: the Prusa replugged under the same name (same devpath,
+    # new instance) and a CH340 plugged; the receive of the third fails.
+    assert probe.call("lose", count=3) is None
+    bench.unplug(prusa)
+    replugged = bench.plug("prusa_mk3", usb_port="1-1", tty=prusa.tty)
+    ch340 = bench.plug("ch340", usb_port="1-3")
+    probe.wait_events(lambda es: len(es) >= 3, "the events re-enumerating finds")
+
+    assert replugged.devpath == prusa.devpath
+    assert replugged.usec_initialized != prusa.usec_initialized
+    assert removed(probe.events) == [prusa.devpath]
+    assert isinstance(probe.events[0], DeviceRemoved), "the old instance goes first"
+    back, new = added(probe.events)
+    assert_matches(back, replugged)
+    assert_matches(new, ch340)
+    assert ftdi.node not in [d.node for d in added(probe.events)], "unchanged: not reported"
+
+    # A second overflow loses the FTDI's remove: found gone, and said less loudly.
+    # The receive that fails is that of a change sent once the FTDI's sysfs is gone
+    # (the testbed sends a remove before deleting the device, udevd after).
+    assert probe.call("lose", count=2) is None
+    bench.unplug(ftdi)
+    bench.send_uevent(replugged, "change")
+    probe.wait_events(lambda es: ftdi.devpath in removed(es), "the FTDI found gone")
+    assert len(probe.events) == 4
+
+    # Events flow again as before.
+    mega = bench.plug("mega2560", usb_port="1-4")
+    assert_matches(wait_added(probe, mega.node), mega)
+    assert len(probe.events) == 5
+
+    log = probe.log_path.read_text()
+    assert log.count("lossy monitor: lost ") == 5
+    assert log.count("lossy monitor: ENOBUFS") == 2
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING reconnectd.udev: udev events were lost (the event socket's receive buffer "
+        "overflowed); re-read the present devices: 1 gone, 2 new"
+    ]
+    assert "INFO reconnectd.udev: udev events were lost again (overflow 2); 1 gone, 0 new" in log
+
+
+def test_another_receive_error_is_logged_once_until_a_receive_succeeds(
+    bench: Testbed, start_probe: ProbeFactory
+) -> None:
+    prusa = bench.plug("prusa_mk3")
+    probe = start_probe()
+    probe.call("start_lossy")
+
+    for _ in range(2):
+        assert probe.call("lose", count=1, errno=errno.EIO) is None
+        bench.send_uevent(prusa, "change")
+    # Events are heard again after the failures, and nothing was made up for them.
+    bench.send_uevent(prusa, "change")
+    probe.wait_events(lambda es: len(es) == 1, "the change after the failures")
+    assert probe.call("lose", count=1, errno=errno.EIO) is None
+    bench.send_uevent(prusa, "change")
+    bench.send_uevent(prusa, "change")
+    probe.wait_events(lambda es: len(es) == 2, "the change after the third failure")
+
+    log = probe.log_path.read_text()
+    assert log.count("lossy monitor: EIO after 1 lost") == 3
+    failures = [line for line in log.splitlines() if "reading udev events failed" in line]
+    # The second failure came with no good receive in between: not said again.
+    assert (
+        failures
+        == ["WARNING reconnectd.udev: reading udev events failed: [Errno 5] Input/output error"] * 2
+    )
+    assert "were lost" not in log, "no re-enumeration for an error that is not an overflow"

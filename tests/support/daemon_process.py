@@ -36,11 +36,14 @@ class DaemonProcess:
         watchdog_usec: int | None = None,
         command: Sequence[str] | None = None,
         user: tuple[int, int] | None = None,
+        verbose: bool = True,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "reconnectd.toml"
         self.config_path.write_text(config_text)
+        # As a careful admin keeps it: it may hold an inline key.
+        self.config_path.chmod(0o600)
         self.runtime_dir = workdir / "run"
         self.state_dir = workdir / "state"
         self.runtime_dir.mkdir(exist_ok=True)
@@ -54,8 +57,10 @@ class DaemonProcess:
         # (uid, gid) to run it as: systemd's User=/Group= for the unprivileged service.
         self._command = list(command) if command is not None else None
         self._user = user
+        # Debug lines by default (tests read them); without, as the unit runs it.
+        self._verbose = verbose
         if user is not None:
-            for path in (workdir, self.runtime_dir, self.state_dir):
+            for path in (workdir, self.config_path, self.runtime_dir, self.state_dir):
                 os.chown(path, *user)
         self._notify: NotifySocket | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -89,7 +94,7 @@ class DaemonProcess:
         self._log_file = self.log_path.open("ab")
         command = self._command or [sys.executable, "-m", "reconnectd"]
         self._process = subprocess.Popen(
-            [*command, "-v", "run", *self._args],
+            [*command, *(["-v"] if self._verbose else []), "run", *self._args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -161,6 +166,13 @@ class DaemonProcess:
     def notifications(self) -> list[str]:
         """Every sd_notify message received from the current (or last) run."""
         return [] if self._notify is None else self._notify.receive()
+
+    def timed_notifications(self) -> list[tuple[str, float]]:
+        """Every sd_notify message so far, with when it was read (``time.monotonic()``)."""
+        if self._notify is None:
+            return []
+        self._notify.receive()
+        return list(zip(self._notify.messages, self._notify.arrivals))
 
     def wait_for_notification(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
         assert self._notify is not None, "not started"

@@ -30,13 +30,21 @@ What it copies from OctoPrint:
 
 States are computed from the clock when asked for, so no thread runs behind the
 server's back; every POST is recorded in :attr:`FakeOctoPrint.posts`.
+
+Faults for tests of what reconnectd does when OctoPrint misbehaves
+(:meth:`FakeOctoPrint.set_fault`): refusing connections (stopped), answering 500,
+answering an HTML page instead of JSON (a proxy or a login page in front of it),
+answering later than the client waits. A revoked key needs no fault: give the fake
+another ``api_key`` and it answers the old one as the real OctoPrint does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -69,6 +77,25 @@ NOT_JSON = (
 # trying every baudrate, ~40 s on the real one with the tests' timeouts).
 AUTODETECT_ERROR = "No more candidates to test, and no working port/baudrate combination detected."
 BAUDRATES = (250000, 230400, 115200, 57600, 38400, 19200, 9600)
+
+# The faults set_fault() knows.
+FAULT_REFUSE = "refuse"  # nothing listens on the port: OctoPrint stopped or restarting
+FAULT_500 = "500"  # every request fails inside the server
+FAULT_HTML = "html"  # a 200 HTML page where the API's JSON should be
+FAULT_SLOW = "slow"  # every answer comes slow_by seconds late, then as usual
+FAULTS = (FAULT_REFUSE, FAULT_500, FAULT_HTML, FAULT_SLOW)
+# What a web server says for an internal error: an HTML page, not the API's JSON.
+ERROR_PAGE = (
+    "<!doctype html>\n<html><head><title>500 Internal Server Error</title></head>"
+    "<body><h1>Internal Server Error</h1><p>The server could not complete the "
+    "request.</p></body></html>\n"
+)
+# A page in front of the API: a reverse proxy's sign-in page, a captive portal.
+SIGN_IN_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>"
+    '<form method="post" action="/login"><input name="user"><input name="password" '
+    'type="password"><button>Sign in</button></form></body></html>\n'
+)
 
 PortsFunction = Callable[[], Sequence[str]]
 # Given a port, the device that answers there now (any text naming it), or None.
@@ -119,21 +146,32 @@ class FakeOctoPrint:
         self.handshake = handshake
         self.silent_timeout = silent_timeout
         self.posts: list[Post] = []
+        # Every request received, any method or path: what a client costs the server.
+        self.requests_received = 0
         self._ports = ports
         self._printer_present = printer_present
         self._connection: _Connection | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
+        self.fault: str | None = None  # see set_fault()
+        self.slow_by = 0.0
+        self._open: set[socket.socket] = set()  # connections being served
+        self._server, self._thread = self._listen(0)
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> tuple[ThreadingHTTPServer, threading.Thread]:
+        """Given a port (0: any free one), serve on it; return the server and its thread."""
+        server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        server.daemon_threads = True
+        thread = threading.Thread(
+            target=server.serve_forever,
             kwargs={"poll_interval": 0.05},
-            name=f"fake-octoprint-{self.url}",
+            name=f"fake-octoprint-{server.server_address[1]}",
             daemon=True,
         )
-        self._thread.start()
+        thread.start()
+        return server, thread
 
     def __enter__(self) -> FakeOctoPrint:
         return self
@@ -150,6 +188,34 @@ class FakeOctoPrint:
             self._server.shutdown()
             self._thread.join(5)
         self._server.server_close()
+
+    # -- faults ---------------------------------------------------------------
+
+    def set_fault(self, fault: str | None, *, slow_by: float = 0.0) -> None:
+        """Given a fault from ``FAULTS`` (or None to end it), behave that way from now on.
+
+        ``refuse`` closes the listening socket and every open connection, as a
+        stopped OctoPrint does; ending it listens on the same port again. ``slow``
+        holds every request ``slow_by`` seconds, then handles it as usual (a POST
+        still acts). ``500`` and ``html`` answer every request, POSTs included (which
+        are recorded, and do nothing), with an HTML page: status 500, or 200.
+        Raise ValueError for an unknown fault.
+        """
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        with self._lock:
+            before = self.fault
+            self.fault, self.slow_by = fault, slow_by
+        if fault == FAULT_REFUSE and before != FAULT_REFUSE:
+            self.close()
+            with self._lock:
+                open_connections = list(self._open)
+            for connection in open_connections:
+                # A keep-alive connection would otherwise still be answered.
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        elif before == FAULT_REFUSE and fault != FAULT_REFUSE:
+            self._server, self._thread = self._listen(self.port)
 
     # -- for assertions -------------------------------------------------------
 
@@ -277,6 +343,17 @@ class FakeOctoPrint:
         self._error = None
         return 204, None, False
 
+    def _count_request(self) -> None:
+        with self._lock:
+            self.requests_received += 1
+
+    def _track(self, connection: socket.socket, is_open: bool) -> None:
+        with self._lock:
+            if is_open:
+                self._open.add(connection)
+            else:
+                self._open.discard(connection)
+
     def _authorized(self, headers: Any, query: str) -> bool:
         keys = [headers.get("X-Api-Key")]
         authorization = str(headers.get("Authorization") or "")
@@ -291,8 +368,38 @@ def _handler_for(fake: FakeOctoPrint) -> type[BaseHTTPRequestHandler]:
         # Keep-alive, as OctoPrint's Tornado; an idle connection is dropped after 10 s.
         protocol_version = "HTTP/1.1"
         timeout = 10
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body
+        # waits for the client's delayed ACK (~40 ms). Tornado sends them at once.
+        disable_nagle_algorithm = True
+
+        def setup(self) -> None:
+            super().setup()
+            fake._track(self.connection, True)
+
+        def finish(self) -> None:
+            fake._track(self.connection, False)
+            # The connection may have been shut down under us (set_fault("refuse")).
+            with contextlib.suppress(OSError):
+                super().finish()
+
+        def _fault(self) -> int | None:
+            """Act out the fault in force; return the status sent, or None to go on as usual."""
+            with fake._lock:
+                fault, slow_by = fake.fault, fake.slow_by
+            if fault == FAULT_SLOW:
+                time.sleep(slow_by)
+            elif fault == FAULT_500:
+                self._send_page(500, ERROR_PAGE)
+                return 500
+            elif fault == FAULT_HTML:
+                self._send_page(200, SIGN_IN_PAGE)
+                return 200
+            return None
 
         def do_GET(self) -> None:
+            fake._count_request()
+            if self._fault() is not None:
+                return
             url = urlsplit(self.path)
             if url.path not in ("/api/connection", "/api/job"):
                 self._send(404, {"error": "Not Found"})
@@ -309,9 +416,28 @@ def _handler_for(fake: FakeOctoPrint) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             now = time.monotonic()
+            fake._count_request()
             url = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            faulted = self._fault()
+            if faulted is not None:
+                try:
+                    fields = json.loads(raw or b"null")
+                except ValueError:
+                    fields = None
+                fields = fields if isinstance(fields, dict) else {}
+                command, port = fields.get("command"), fields.get("port")
+                with fake._lock:
+                    fake.posts.append(
+                        Post(
+                            command if isinstance(command, str) else None,
+                            port if isinstance(port, str) else None,
+                            now,
+                            faulted,
+                        )
+                    )
+                return
             if url.path != "/api/connection":
                 self._send(404, {"error": "Not Found"})
                 return
@@ -352,10 +478,30 @@ def _handler_for(fake: FakeOctoPrint) -> type[BaseHTTPRequestHandler]:
                 if body is not None:
                     self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
+                self._say_if_closing()
                 self.end_headers()
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up waiting
+
+        def _say_if_closing(self) -> None:
+            # Tornado (OctoPrint's server) answers a request that asked for
+            # "Connection: close" with the same header; a client that is not told
+            # keeps the connection and may reuse it just as the server closes it.
+            if self.close_connection:
+                self.send_header("Connection", "close")
+
+        def _send_page(self, status: int, page: str) -> None:
+            payload = page.encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(payload)))
+                self._say_if_closing()
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

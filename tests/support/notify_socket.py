@@ -19,13 +19,18 @@ class NotifySocket:
         self._sock.bind(str(path))
         self._sock.settimeout(0.05)
         self.messages: list[str] = []
+        # When each message was read (time.monotonic()), index for index: a reader
+        # blocked in receive() reads a datagram the moment it arrives.
+        self.arrivals: list[float] = []
         self._closed = False
 
     def receive(self) -> list[str]:
         """Collect every datagram waiting now; return all received so far."""
         while not self._closed:
             try:
-                self.messages.append(self._sock.recv(65536).decode())
+                data = self._sock.recv(65536)
+                self.arrivals.append(time.monotonic())
+                self.messages.append(data.decode())
             except (TimeoutError, socket.timeout):
                 break
         return self.messages

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
+import logging
 import os
 import queue
 import select
@@ -31,6 +33,9 @@ import pyudev
 
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.udev import UdevWatcher, device_from_udev, list_serial_devices
+from tests.support import lossy_monitor
+
+REPO = Path(__file__).resolve().parents[2]
 
 TIMEOUT = 10.0
 
@@ -112,6 +117,8 @@ def _ioctl_int(fd: int, request: int, value: int = 0) -> int:
 
 
 def _serve() -> int:
+    # The watcher's log lines go to the probe's log, where tests read them.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     stdin = _Lines(sys.stdin.fileno())
     selector = selectors.DefaultSelector()
     selector.register(stdin.fd, selectors.EVENT_READ, "stdin")
@@ -125,13 +132,22 @@ def _serve() -> int:
     def handle(command: dict[str, Any]) -> Any:
         nonlocal watcher
         op = command["op"]
-        if op in ("start", "start_paused"):
+        if op in ("start", "start_paused", "start_lossy"):
+            if op == "start_lossy":
+                lossy_monitor.install(None)
             watcher = _PausingWatcher(pause) if op == "start_paused" else UdevWatcher()
             present = watcher.start()
             selector.register(watcher.fileno(), selectors.EVENT_READ, "udev")
             return [device_to_json(d) for d in present]
         if op == "list":
             return [device_to_json(d) for d in list_serial_devices()]
+        if op == "lose":
+            # The monitor of a watcher started with "start_lossy": lose the next
+            # `count` events, then raise ENOBUFS (or `errno`).
+            lossy_monitor.MONITORS[-1].arm(
+                int(command["count"]), int(command.get("errno", errno.ENOBUFS))
+            )
+            return None
         if op == "from_syspath":
             device = device_from_udev(pyudev.Devices.from_sys_path(context, command["syspath"]))
             return None if device is None else device_to_json(device)
@@ -190,6 +206,11 @@ def _serve() -> int:
 # --- the test's end ----------------------------------------------------------
 
 
+def _with_repo(pythonpath: str | None) -> str:
+    """Given $PYTHONPATH (or None), return it with this checkout first."""
+    return os.pathsep.join([str(REPO), *([pythonpath] if pythonpath else [])])
+
+
 class ProbeError(RuntimeError):
     """The probe failed a command, died, or stayed silent past its deadline."""
 
@@ -207,7 +228,8 @@ class UdevProbe:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=env,
+            # The probe imports its helpers from tests.support, as the test does.
+            env={**env, "PYTHONPATH": _with_repo(env.get("PYTHONPATH"))},
         )
         self._lines: queue.Queue[bytes] = queue.Queue()
         assert self._process.stdout is not None
