@@ -498,3 +498,32 @@ def test_an_enabled_reconnect_plugin_is_warned_about(bench: Bench) -> None:
     warnings = [line for line in daemon.log().splitlines() if "two reconnectors fight" in line]
     assert len(warnings) == 1, daemon.log()
     assert "WARNING" in warnings[0] and other.url in warnings[0]
+
+
+def test_check_online_says_whether_octoprint_offers_the_present_printer(bench: Bench) -> None:
+    serial = new_serial()
+    plugged, _marlin = bench.plug(serial)
+    config = bench.config(serial)
+    done = run_command(bench, bench.workdir / "check", config, "check", "--online")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"mk3s: {plugged.node} is offered as {plugged.by_id}" in done.stdout
+
+    # The user blacklisted the printer in OctoPrint: it can never be connected.
+    bench.api(
+        "POST",
+        "/api/settings",
+        json={"serial": {"blacklistedPorts": [plugged.node, plugged.by_id]}},
+    )
+    try:
+        done = run_command(bench, bench.workdir / "check", config, "check", "--online")
+    finally:
+        bench.api("POST", "/api/settings", json={"serial": {"blacklistedPorts": []}})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        f"mk3s: {plugged.node} is present but {bench.octoprint.url} does not offer it"
+        f" (nor {plugged.by_id}"
+    ) in done.stdout, done.stdout
+    assert "; in OctoPrint's serial settings add /dev/serial/by-id/* to the additional" in (
+        done.stdout
+    )
+    assert bench.state() == "Closed", "checking connects nothing"
