@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from reconnectd import __version__, login, logs, online_check
+from reconnectd import __version__, config_edit, login, logs, online_check
 from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
@@ -250,36 +250,36 @@ def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, er
     The exit codes are explained in :mod:`reconnectd.login`.
     """
     path, _ = config_path(args.config, environ)
-    config = login.read_config(path)
+    config = config_edit.read_config(path)
     if args.url is None:
         if config.problem is not None:
             print(config.problem, file=err)
             print("Fix the file, or name OctoPrint with --url.", file=err)
             return EXIT_CONFIG
-        url = login.configured_url(config)
+        url = config_edit.configured_url(config)
     else:
         problem = login.check_url(args.url)
         if problem is not None:
             print(f"reconnectd login: --url: {problem}", file=err)
             return EXIT_USAGE
         url = args.url.rstrip("/")
-    table = login.find_table(config, url)
+    table = config_edit.find_table(config, url)
     if args.key_file is not None:
         key_file = Path(os.path.abspath(args.key_file))
     else:
-        key_file = login.default_key_file(config, table, url)
+        key_file = config_edit.default_key_file(config, table, url)
     problem = login.key_file_problem(key_file)
     if problem is not None:
         print(f"reconnectd login: {problem}", file=err)
         return EXIT_CANTCREAT
     stored = False
     try:
-        ca_file = table.ca_file if isinstance(table, login.Table) else None
+        ca_file = table.ca_file if isinstance(table, config_edit.Table) else None
         result = login.request_api_key(url, out, ca_file=ca_file)
         if isinstance(result, login.LoginFailed):
             print(f"reconnectd login: {result.message}", file=err)
             if result.kind is login.Failure.NO_WORKFLOW:
-                print(login.manual_steps(key_file, table, path), file=err)
+                print(config_edit.manual_steps(key_file, table, path), file=err)
             return _LOGIN_EXIT[result.kind]
         try:
             owner = login.store_key(key_file, result.api_key)
@@ -294,7 +294,7 @@ def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, er
         stored = True
         mode = f"mode 0600, owner {owner}" if owner else "mode 0600"
         print(f"Stored the key in {key_file} ({mode}).", file=out)
-        outcome = login.point_config(config, table, key_file, url)
+        outcome = config_edit.point_config(config, table, key_file, url)
         print(outcome.message, file=out if outcome.ok else err)
         print(
             "Then: sudo systemctl reload reconnectd; reconnectd check --online tells whether"

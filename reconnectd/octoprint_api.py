@@ -222,7 +222,7 @@ class OctoPrintApi:
         except requests.Timeout:
             return self._unreachable(method, path, f"no answer within {self._timeout:g} s")
         except requests.ConnectionError as exc:
-            return self._unreachable(method, path, _connection_failure(exc, self._ca_file))
+            return self._unreachable(method, path, connection_failure(exc, self._ca_file))
         except requests.RequestException as exc:
             return self._unreachable(method, path, f"request failed: {type(exc).__name__}")
         except OSError as exc:
@@ -279,7 +279,7 @@ class OctoPrintApi:
         return text
 
 
-def _connection_failure(exc: requests.ConnectionError, ca_file: str | None = None) -> str:
+def connection_failure(exc: requests.ConnectionError, ca_file: str | None = None) -> str:
     """Given a failed connection, return what happened in words (refused, no route, TLS)."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]

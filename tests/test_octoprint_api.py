@@ -26,7 +26,7 @@ import pytest
 import requests
 import urllib3
 
-from reconnectd.octoprint_api import OctoPrintApi, _connection_failure
+from reconnectd.octoprint_api import OctoPrintApi, connection_failure
 from reconnectd.octoprint_state import (
     Accepted,
     ErrorKind,
@@ -496,14 +496,14 @@ class CertificateError(ValueError):
 def test_urllib3_1_host_name_mismatch_reads_as_a_certificate_failure() -> None:
     cause = CertificateError("hostname '127.0.0.1' doesn't match 'octopi.invalid'")
     wrapped = urllib3.exceptions.MaxRetryError(None, "/api/connection", reason=cause)  # type: ignore[arg-type]
-    reason = _connection_failure(requests.exceptions.SSLError(wrapped))
+    reason = connection_failure(requests.exceptions.SSLError(wrapped))
     assert (
         reason == "certificate verify failed: hostname '127.0.0.1' doesn't match 'octopi.invalid'"
     )
 
 
 def test_tls_failure_without_a_known_cause_still_says_tls() -> None:
-    assert _connection_failure(requests.exceptions.SSLError("handshake")) == "TLS failed"
+    assert connection_failure(requests.exceptions.SSLError("handshake")) == "TLS failed"
 
 
 # -- the real OctoPrint ------------------------------------------------------------
