@@ -1,0 +1,1 @@
+"""reconnectd's benchmark: ``bench/run`` measures the real daemon on this machine."""
