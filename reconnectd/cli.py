@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from reconnectd import __version__, config_edit, login, logs, online_check
+from reconnectd import __version__, logs
 from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
@@ -139,6 +139,8 @@ def _octoprints(config: Config) -> list[OctoPrintConfig]:
 
 
 def _check(config: Config, online: bool, out: TextIO) -> int:
+    from reconnectd import online_check  # not the daemon's: see _login
+
     source = config.source or "no config file (zero-config defaults)"
     names = ", ".join(p.name for p in config.printers) or "none"
     print(f"config OK: {source}; printers: {names}", file=out)
@@ -233,22 +235,24 @@ def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:
     return EXIT_OK
 
 
-# How `login` ends when no key was obtained: OctoPrint or its workflow not there,
-# or refusing for now (69); nobody granted the key (77).
-_LOGIN_EXIT = {
-    login.Failure.UNREACHABLE: EXIT_UNAVAILABLE,
-    login.Failure.NO_WORKFLOW: EXIT_UNAVAILABLE,
-    login.Failure.REFUSED: EXIT_UNAVAILABLE,
-    login.Failure.DENIED: EXIT_NOPERM,
-    login.Failure.TIMED_OUT: EXIT_NOPERM,
-}
-
-
 def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """Given ``login``'s arguments, get a key, store it, point the config at it; return the code.
 
     The exit codes are explained in :mod:`reconnectd.login`.
     """
+    # Imported here: the daemon never logs in, and these modules cost it 1.5 MB of
+    # its ~32 MB (bench/run measures it).
+    from reconnectd import config_edit, login
+
+    # How it ends when no key was obtained: OctoPrint or its workflow not there, or
+    # refusing for now (69); nobody granted the key (77).
+    exit_codes = {
+        login.Failure.UNREACHABLE: EXIT_UNAVAILABLE,
+        login.Failure.NO_WORKFLOW: EXIT_UNAVAILABLE,
+        login.Failure.REFUSED: EXIT_UNAVAILABLE,
+        login.Failure.DENIED: EXIT_NOPERM,
+        login.Failure.TIMED_OUT: EXIT_NOPERM,
+    }
     path, _ = config_path(args.config, environ)
     config = config_edit.read_config(path)
     if args.url is None:
@@ -280,7 +284,7 @@ def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, er
             print(f"reconnectd login: {result.message}", file=err)
             if result.kind is login.Failure.NO_WORKFLOW:
                 print(config_edit.manual_steps(key_file, table, path), file=err)
-            return _LOGIN_EXIT[result.kind]
+            return exit_codes[result.kind]
         try:
             owner = login.store_key(key_file, result.api_key)
         except OSError as error:
