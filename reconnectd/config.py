@@ -215,6 +215,23 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     return config
 
 
+def is_octoprint_url(url: str) -> bool:
+    """Given a URL, return whether it can name an OctoPrint: http(s), a host, no query."""
+    try:
+        parts = urlsplit(url)
+        # .port raises ValueError for a port that is not a number in 1-65535.
+        return (
+            parts.scheme.lower() in ("http", "https")
+            and bool(parts.hostname)
+            and (parts.port is None or parts.port > 0)
+            and not parts.query
+            and not parts.fragment
+            and not any(c.isspace() or not c.isprintable() for c in url)
+        )
+    except ValueError:
+        return False
+
+
 def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Given the text of a config file, its path and the environment, return the checked config.
 
@@ -532,20 +549,7 @@ class _Checker:
         if not isinstance(value, str):
             self.problem(path, f"{expected}, got {_describe(value)}")
             return None
-        try:
-            parts = urlsplit(value)
-            # .port raises ValueError for a port that is not a number in 1-65535.
-            valid = (
-                parts.scheme.lower() in ("http", "https")
-                and bool(parts.hostname)
-                and (parts.port is None or parts.port > 0)
-                and not parts.query
-                and not parts.fragment
-                and not any(c.isspace() or not c.isprintable() for c in value)
-            )
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_octoprint_url(value):
             self.problem(path, f"{expected}, got {_describe(_redact_url(value))}")
             return None
         return value.rstrip("/")

@@ -55,10 +55,10 @@ def write_json_atomic(path: Path, document: object, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Given a directory, flush its entries so that a rename in it survives a crash."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

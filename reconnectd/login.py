@@ -44,11 +44,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, Union
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 
-from reconnectd.config import DEFAULT_URL
+from reconnectd.config import DEFAULT_URL, is_octoprint_url
+from reconnectd.jsonfiles import fsync_directory
 from reconnectd.octoprint_api import USER_AGENT, connection_failure
 
 APP_NAME = "reconnectd"
@@ -121,19 +122,7 @@ LoginResult = Union[Granted, LoginFailed]
 
 def check_url(url: str) -> str | None:
     """Given a URL from the command line, return what is wrong with it, or None."""
-    try:
-        parts = urlsplit(url)
-        valid = (
-            parts.scheme.lower() in ("http", "https")
-            and bool(parts.hostname)
-            and (parts.port is None or parts.port > 0)
-            and not parts.query
-            and not parts.fragment
-            and not any(c.isspace() or not c.isprintable() for c in url)
-        )
-    except ValueError:
-        valid = False
-    if valid:
+    if is_octoprint_url(url):
         return None
     return f'expected an http:// or https:// URL with a host like "{DEFAULT_URL}"'
 
@@ -478,13 +467,4 @@ def replace_atomically(temp: Path, target: Path) -> None:
         temp.unlink(missing_ok=True)
         raise
     # The rename itself must reach the disk too, or a power cut can undo it.
-    try:
-        fd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_directory(target.parent)
