@@ -65,6 +65,10 @@ def test_installs_venv_command_unit_and_example_config(installed: Path) -> None:
     real = installed / "opt/reconnectd/bin/reconnectd"
     version = subprocess.run([str(real), "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"reconnectd {__version__}"
+    # The system's Python, whatever is first on PATH: the service user must reach it.
+    if Path("/usr/bin/python3").exists():
+        python = installed / "opt/reconnectd/bin/python"
+        assert os.path.realpath(python) == os.path.realpath("/usr/bin/python3")
     unit = installed / "etc/systemd/system/reconnectd.service"
     assert unit.read_text() == (REPO / "systemd/reconnectd.service").read_text()
     config = installed / "etc/reconnectd/reconnectd.toml"
