@@ -66,21 +66,25 @@ class Unprivileged:
             "settle = 0.5\n"
         )
 
-    def as_nobody(
-        self, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.command), *args],
-            env=env if env is not None else without_repo(os.environ),
-            user=NOBODY[0],
-            group=NOBODY[1],
-            extra_groups=[],
-            cwd="/",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    def as_nobody(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Given reconnectd's arguments, run the installed command as nobody."""
+        return run_as_nobody([str(self.command), *args])
+
+
+def run_as_nobody(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Given a command, run it as nobody, as systemd runs the service as its user."""
+    return subprocess.run(
+        command,
+        env=without_repo(os.environ),
+        user=NOBODY[0],
+        group=NOBODY[1],
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def without_repo(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
@@ -148,18 +152,7 @@ def test_a_user_that_is_not_root_may_listen_to_udev_on_a_real_netlink_socket(
         "monitor.start()\n"
         "print(os.geteuid(), monitor.fileno() >= 0)\n"
     )
-    done = subprocess.run(
-        [str(python), "-c", probe],
-        env=without_repo(os.environ),
-        user=NOBODY[0],
-        group=NOBODY[1],
-        extra_groups=[],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_as_nobody([str(python), "-c", probe])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(NOBODY[0]), "True"]
 
