@@ -153,6 +153,10 @@ class FakeOctoPrint:
         self._connection: _Connection | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
+        # Notified on every recorded POST: a waiter sleeps instead of polling, and a
+        # poller in this process would take the interpreter lock from the server's
+        # threads and slow every answer it times (bench/run measures them).
+        self._posted = threading.Condition(self._lock)
         self.fault: str | None = None  # see set_fault()
         self.slow_by = 0.0
         self._open: set[socket.socket] = set()  # connections being served
@@ -224,6 +228,11 @@ class FakeOctoPrint:
         """Every connect OctoPrint accepted (204), ignored ones included, oldest first."""
         with self._lock:
             return [p for p in self.posts if p.command == "connect" and p.status == 204]
+
+    def wait_for_posts(self, count: int, timeout: float) -> bool:
+        """Given a count, block until that many POSTs are recorded; False after ``timeout`` s."""
+        with self._posted:
+            return self._posted.wait_for(lambda: len(self.posts) >= count, timeout)
 
     @property
     def state(self) -> str:
@@ -437,6 +446,7 @@ def _handler_for(fake: FakeOctoPrint) -> type[BaseHTTPRequestHandler]:
                             faulted,
                         )
                     )
+                    fake._posted.notify_all()
                 return
             if url.path != "/api/connection":
                 self._send(404, {"error": "Not Found"})
@@ -469,6 +479,7 @@ def _handler_for(fake: FakeOctoPrint) -> type[BaseHTTPRequestHandler]:
             )
             with fake._lock:
                 fake.posts.append(post)
+                fake._posted.notify_all()
             self._send(status, None if error is None else {"error": error})
 
         def _send(self, status: int, body: dict[str, Any] | None) -> None:
