@@ -94,7 +94,15 @@ class CoreSettings:
 
 @dataclass(frozen=True)
 class ReadOctoPrint:
-    """Read /api/connection and /api/job; answer with :meth:`PrinterCore.octoprint_read`."""
+    """Read /api/connection, and /api/job when ``job``; answer with
+    :meth:`PrinterCore.octoprint_read`.
+
+    ``job`` False when no error OctoPrint could report would change the decision (the
+    first look after the device came back): one request fewer on the way to the
+    connect. The view's ``error`` is then None.
+    """
+
+    job: bool = True
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,7 @@ class PrinterCore:
     _asked_in: int = 0  # the generation in which the request in flight was sent
     _fresh: bool = False  # this presence began with a vanish and return we know of
     _seen_connected: bool = False  # we saw a connection during this presence
+    _seen_opening: bool = False  # we saw someone's connection being made, ditto
     _deadline: float | None = None
     _in_flight: bool = False
     _attempt: _Attempt | None = None
@@ -213,6 +222,7 @@ class PrinterCore:
             self._seen_connected = (
                 bool(device.instance) and device.instance == self.connected_instance
             )
+            self._seen_opening = False
             # A hold on an unknown instance is kept: safety over convenience.
             kept = [
                 h
@@ -227,6 +237,7 @@ class PrinterCore:
         else:
             self._fresh = True
             self._seen_connected = False
+            self._seen_opening = False
             if self.holds:
                 actions.append(
                     self._log(logging.INFO, "holds released: the device vanished and came back")
@@ -248,6 +259,7 @@ class PrinterCore:
         self.device = None
         self._fresh = False
         self._seen_connected = False
+        self._seen_opening = False
         self._reset_attempts()
         self._recovering = False
         self._opening_since = None
@@ -271,7 +283,7 @@ class PrinterCore:
             return []
         if self.state == State.SETTLING:
             self.state = State.CHECKING
-        return [self._ask(ReadOctoPrint())]
+        return [self._ask(ReadOctoPrint(job=self._error_matters()))]
 
     def octoprint_read(self, result: ReadResult, now: float) -> list[Action]:
         """Given what OctoPrint answered to a read, decide."""
@@ -348,6 +360,9 @@ class PrinterCore:
         phase = view.phase
         if phase in (Phase.OPERATIONAL, Phase.BUSY):
             return self._connected(view, now)
+        if phase in (Phase.CONNECTING, Phase.OPENING):
+            # A connection made during this presence: an error it ends with is new.
+            self._seen_opening = True
         if phase == Phase.CONNECTING:
             self._opening_since = None
             return self._look_again(now, "OctoPrint is connecting")
@@ -421,6 +436,25 @@ class PrinterCore:
         actions.append(self._ask(Disconnect()))
         return actions
 
+    def _error_matters(self) -> bool:
+        """Return whether OctoPrint's error could change the next decision.
+
+        Only :meth:`_closed` reads it, and not while the device's return is all that
+        happened: nothing recovering, no attempt made, no connection seen or being
+        made, no hold; a closed OctoPrint is then connected whatever its old error was.
+        Kept in step with :meth:`_closed` by tests/test_core.py, which feeds that look
+        every error.
+        """
+        return not (
+            self._fresh
+            and not self._recovering
+            and self._attempt is None
+            and not self.attempts
+            and not self._seen_connected
+            and not self._seen_opening
+            and not self.holds
+        )
+
     def _closed(self, view: OctoPrintView, now: float) -> list[Action]:
         self._opening_since = None
         assert self.device is not None
@@ -452,8 +486,9 @@ class PrinterCore:
                 return self._hold(HoldKind.FATAL, view.error or "", now)
             if kind == ErrorKind.NONE:
                 return self._hold(HoldKind.MANUAL, "disconnected in OctoPrint", now)
-        elif kind == ErrorKind.FATAL and not self._fresh:
-            # At start with nothing remembered: we cannot prove this error stale.
+        elif kind == ErrorKind.FATAL and (not self._fresh or self._seen_opening):
+            # At start with nothing remembered, we cannot prove this error stale; after
+            # a connection someone made since the return, it is the firmware's answer.
             return self._hold(HoldKind.FATAL, view.error or "", now)
 
         if self.holds:

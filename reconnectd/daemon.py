@@ -66,7 +66,7 @@ class DeviceSource(Protocol):
 class OctoPrint(Protocol):
     """What the loop needs of an OctoPrint client: ``octoprint_api.OctoPrintApi``."""
 
-    def read(self) -> ReadResult: ...
+    def read(self, *, job: bool = True) -> ReadResult: ...
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult: ...
     def disconnect(self) -> CommandResult: ...
     def close(self) -> None: ...
@@ -362,7 +362,9 @@ class Daemon:
             if isinstance(action, Log):
                 log.log(action.level, "%s", action.message)
             elif isinstance(action, ReadOctoPrint):
-                self._workers.submit(printer.config.name, printer.core, action, api.read)
+                self._workers.submit(
+                    printer.config.name, printer.core, action, _bind_read(api, action)
+                )
             elif isinstance(action, Connect):
                 self._workers.submit(
                     printer.config.name,
@@ -605,6 +607,10 @@ def _log_reconnect_plugins(url: str, result: object) -> None:
 def _static_printers(config: Config) -> list[str]:
     """Given a config, return the printers found by polling a static node."""
     return [p.name for p in config.printers if p.port is not None and p.poll > 0]
+
+
+def _bind_read(api: OctoPrint, action: ReadOctoPrint) -> Callable[[], ReadResult]:
+    return lambda: api.read(job=action.job)
 
 
 def _bind_connect(api: OctoPrint, action: Connect) -> Callable[[], CommandResult]:

@@ -8,7 +8,7 @@ header, which this client never sends. What still differs is read in
 Every call returns a value (:mod:`reconnectd.octoprint_state`), never raises for
 anything the network or OctoPrint can do: the main loop decides when to retry.
 Every request has a timeout, so the worst a call can block is known in advance:
-``read()`` makes two requests (three while OctoPrint says "Connecting"), each
+``read()`` makes up to two requests (three while OctoPrint says "Connecting"), each
 bounded by ``timeout`` to connect and ``timeout`` between bytes of the answer.
 
 The API key goes into the session's headers and nowhere else: no reason string,
@@ -111,33 +111,26 @@ class OctoPrintApi:
     def url(self) -> str:
         return self._url
 
-    def read(self) -> ReadResult:
-        """Given nothing, return OctoPrint's connection state as an :class:`OctoPrintView`.
+    def read(self, *, job: bool = True) -> ReadResult:
+        """Given whether the job matters, return OctoPrint's connection state as an
+        :class:`OctoPrintView`.
 
-        Reads ``/api/connection`` and then ``/api/job`` (the only place that tells a
-        manual Disconnect from a closed-after-error), and ``/api/version`` when the
-        state is ``"Connecting"``, a word that means more in OctoPrint 2.0 (see
+        Reads ``/api/connection`` and then, when ``job``, ``/api/job`` (the only place
+        that tells a manual Disconnect from a closed-after-error; without it the view's
+        ``error`` is None), and ``/api/version`` when the state is ``"Connecting"``, a
+        word that means more in OctoPrint 2.0 (see
         :func:`~reconnectd.octoprint_state.phase_of`). Return :class:`Unreachable` or
         :class:`Refused` if one of the first two requests fails.
         """
-        connection = self._request("GET", "/api/connection")
-        if not isinstance(connection, requests.Response):
-            return connection
-        refused = self._refusal(connection)
-        if refused is not None:
-            return refused
-        job = self._request("GET", "/api/job")
-        if not isinstance(job, requests.Response):
-            return job
-        refused = self._refusal(job)
-        if refused is not None:
-            return refused
-        connection_body = self._json(connection)
-        if isinstance(connection_body, Unreachable):
+        connection_body = self._get_json("/api/connection")
+        if isinstance(connection_body, (Unreachable, Refused)):
             return connection_body
-        job_body = self._json(job)
-        if isinstance(job_body, Unreachable):
-            return job_body
+        job_body: dict[str, Any] = {}
+        if job:
+            answer = self._get_json("/api/job")
+            if isinstance(answer, (Unreachable, Refused)):
+                return answer
+            job_body = answer
         try:
             view = _view(connection_body, job_body)
         except _WrongShape as exc:

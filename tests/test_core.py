@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -26,6 +28,7 @@ from reconnectd.core import (
 )
 from reconnectd.devices import Device
 from reconnectd.octoprint_state import (
+    UNNAMED_ERROR,
     Accepted,
     CommandResult,
     OctoPrintView,
@@ -65,6 +68,8 @@ def view(state: str = "Closed", error: str | None = None, **kw: object) -> OctoP
     return OctoPrintView(state=state, error=error, **fields)  # type: ignore[arg-type]
 
 
+# The first look after the device came back skips /api/job: no error can change it.
+FIRST_LOOK = ReadOctoPrint(job=False)
 CLOSED = view()
 OPERATIONAL = view("Operational", port=BY_ID)
 
@@ -106,6 +111,11 @@ class Bench:
         return out
 
     def answer(self, result: ReadResult) -> list[Action]:
+        """Answer the read in flight; without the job, the error is not read (as the
+        client does it)."""
+        asked = [a for a in self.requests if isinstance(a, ReadOctoPrint)]
+        if asked and not asked[-1].job and isinstance(result, OctoPrintView):
+            result = replace(result, error=None)
         return self._take(self.core.octoprint_read(result, self.now))
 
     def done(self, result: CommandResult = Accepted()) -> list[Action]:  # noqa: B008
@@ -122,8 +132,9 @@ class Bench:
         return [entry.message for entry in self.log if entry.level >= level]
 
     def connect_until_operational(self, first: ReadResult = CLOSED) -> None:
-        """From a read being due: answer Closed, accept the connect, confirm Operational."""
-        assert self.advance(60) == [ReadOctoPrint()]
+        """From the first read after a return being due: answer Closed, accept the
+        connect, confirm Operational."""
+        assert self.advance(60) == [FIRST_LOOK]
         actions = self.answer(first)
         assert len(actions) == 1 and isinstance(actions[0], Connect)
         assert self.done() == []
@@ -151,7 +162,7 @@ def test_power_cycle_connects_once_after_settle_to_by_id_link() -> None:
     b = bench(settle=1.0)
     assert b.add() == []
     assert b.advance(0.99) == []
-    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.advance(0.01) == [FIRST_LOOK]
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
     assert b.state() == State.CONNECTING
     assert b.done() == []
@@ -214,7 +225,7 @@ def test_port_not_offered_is_one_clear_error_and_no_connect() -> None:
     assert f"OctoPrint does not offer {BY_ID}" in errors[0]
     assert '"/dev/serial/by-id/*" to serial.additionalPorts' in errors[0]
     # OctoPrint rebuilds its list per request: look again later, without a second error line.
-    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    assert b.advance(RETRY_CAP) == [FIRST_LOOK]
     b.answer(view(ports=("/dev/ttyS0",)))
     assert len(b.messages(logging.ERROR)) == 1
     assert b.connects() == []
@@ -232,7 +243,7 @@ def test_burst_of_events_gives_one_read_and_one_connect_after_the_last_event() -
         b.advance(0.3)
     b.add(REPLUGGED)
     assert b.advance(0.99) == []
-    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.advance(0.01) == [FIRST_LOOK]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
     assert len([r for r in b.requests if isinstance(r, ReadOctoPrint)]) == 1
     assert len(b.connects()) == 1
@@ -246,18 +257,18 @@ def test_repeated_adds_without_a_remove_extend_the_settle_window() -> None:
         assert b.advance(0.8) == []
         b.add()
     assert b.advance(0.99) == []
-    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.advance(0.01) == [FIRST_LOOK]
 
 
 def test_event_during_a_read_discards_the_answer_and_settles_again() -> None:
     b = bench(settle=1.0)
     b.add()
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [FIRST_LOOK]
     b.remove()
     b.add(REPLUGGED)
     assert b.answer(CLOSED) == [], "an answer from before the event must not connect"
     assert b.advance(0.99) == []
-    assert b.advance(0.01) == [ReadOctoPrint()]
+    assert b.advance(0.01) == [FIRST_LOOK]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
 
 
@@ -321,7 +332,7 @@ def test_closing_after_an_error_is_looked_at_again_soon_then_connected() -> None
     b.add()
     b.advance(1)
     assert b.answer(view("Offline after error", error=VANISHED)) == []
-    assert b.advance(0.5) == [ReadOctoPrint()], "closing takes milliseconds: look again soon"
+    assert b.advance(0.5) == [FIRST_LOOK], "closing takes milliseconds: look again soon"
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
 
 
@@ -330,7 +341,7 @@ def test_connection_seen_right_after_a_return_is_checked_once_more() -> None:
     b = connected_bench()
     b.remove()
     b.add(REPLUGGED)
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [FIRST_LOOK]
     assert b.answer(OPERATIONAL) == [], "hands off while it says Operational"
     assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()], "but look once more"
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
@@ -347,13 +358,22 @@ def test_a_confirmed_connection_after_a_return_is_left_alone() -> None:
     assert b.core.deadline is None, "confirmed: no more requests"
 
 
-@pytest.mark.parametrize("state", ["Connecting", "Detecting serial connection", "Error"])
-def test_connecting_octoprint_is_watched_not_touched(state: str) -> None:
+@pytest.mark.parametrize(
+    ("state", "next_look"),
+    [
+        # Someone's connection being made: an error it ends with would be new.
+        ("Connecting", ReadOctoPrint()),
+        ("Detecting serial connection", ReadOctoPrint()),
+        # Closing after an error: the old connection's, as likely as not.
+        ("Error", FIRST_LOOK),
+    ],
+)
+def test_connecting_octoprint_is_watched_not_touched(state: str, next_look: ReadOctoPrint) -> None:
     b = bench()
     b.add()
     b.advance(1)
     assert b.answer(view(state)) == []
-    assert b.advance(10) == [ReadOctoPrint()]
+    assert b.advance(10) == [next_look]
     assert b.answer(OPERATIONAL) == []
     assert b.connects() == []
     assert b.state() == State.OPERATIONAL
@@ -495,6 +515,20 @@ def test_fatal_error_is_stale_when_the_device_was_replugged_while_we_were_stoppe
     assert restarted.answer(view(error=THERMAL)) == [Connect(BY_ID, 115200, None)]
 
 
+def test_fatal_error_of_a_connection_made_since_the_return_holds() -> None:
+    """Someone (OctoPrint's own autoconnect, a person) connects the returned printer
+    first and its firmware halts: that error is new, not the stale one of before."""
+    b = connected_bench()
+    b.remove()
+    b.add(REPLUGGED)
+    assert b.advance(1) == [FIRST_LOOK]
+    assert b.answer(view("Connecting", port=BY_ID)) == []
+    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()], "an error may mean something now"
+    assert b.answer(view(error=THERMAL)) == []
+    assert [h.kind for h in b.core.holds] == [HoldKind.FATAL]
+    assert len(b.connects()) == 1, "only the connect before the power cycle"
+
+
 def test_transport_error_on_a_connection_we_saw_is_reconnected() -> None:
     b = connected_bench()
     b.core.reconcile(b.now, "reload")
@@ -601,7 +635,8 @@ def test_retry_delay(failed: int, poll: float, delay: float) -> None:
 
 def fail_attempt(b: Bench) -> None:
     """Answer the due read with Closed, accept the connect, then report it failed."""
-    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    # Only the first attempt after the device came back skips the job.
+    assert b.advance(RETRY_CAP) == [FIRST_LOOK if b.connects() == [] else ReadOctoPrint()]
     assert isinstance(b.answer(CLOSED)[0], Connect)
     b.done()
     assert b.advance(1) == [ReadOctoPrint()]
@@ -624,7 +659,7 @@ def test_failed_connects_back_off_then_give_up_until_the_device_returns() -> Non
     # A new device event resets the backoff and connects again.
     b.remove()
     b.add(REPLUGGED)
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [FIRST_LOOK]
     assert isinstance(b.answer(CLOSED)[0], Connect)
     assert b.core.attempts == 0
 
@@ -677,7 +712,7 @@ def test_unreachable_octoprint_is_retried_and_reconciled_when_back() -> None:
     for _ in range(8):
         before = b.now
         assert b.answer(Unreachable("connection refused")) == []
-        assert b.advance(60) == [ReadOctoPrint()]
+        assert b.advance(60) == [FIRST_LOOK]
         delays.append(round(b.now - before))
     assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
     warnings = b.messages(logging.WARNING)
@@ -693,7 +728,7 @@ def test_rejected_key_is_an_error_logged_once_and_looked_at_again_later() -> Non
     assert b.answer(Refused(403, "API key rejected or lacking permission")) == []
     assert b.state() == State.REJECTED
     assert b.advance(59) == []
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [FIRST_LOOK]
     b.answer(Refused(403, "API key rejected or lacking permission"))
     errors = b.messages(logging.ERROR)
     assert len(errors) == 1 and "HTTP 403" in errors[0]
@@ -884,3 +919,72 @@ def test_polled_printer_respects_a_disconnect_and_sees_the_user_connect_again() 
     assert b.answer(OPERATIONAL) == [], "the user connected: hands off, hold ends"
     assert b.core.holds == []
     assert len(b.connects()) == 1
+
+
+# --- the first look skips /api/job: no error may change its decision --------------
+
+# Every kind of error a closed OctoPrint can show, and the states around a closure.
+ERRORS = (None, VANISHED, THERMAL, TIMEOUTS, UNNAMED_ERROR, "Something nobody has seen before")
+ANSWERS: tuple[ReadResult, ...] = (
+    *(view(error=e) for e in ERRORS),
+    *(view("Offline after error", error=e) for e in ERRORS),
+    OPERATIONAL,
+    view("Printing", port=BY_ID),
+    view("Connecting", port=BY_ID),
+    view("Opening serial connection", port=BY_ID),
+    view(ports=("/dev/ttyS0",)),
+    Unreachable("connection refused"),
+    Refused(403, "API key rejected or lacking permission"),
+)
+COMMAND_RESULTS: tuple[CommandResult, ...] = (
+    Accepted(),
+    Refused(400, "port is invalid"),
+    Unreachable("no answer within 10 s"),
+)
+
+
+def _same_decision_whatever_the_error(core: PrinterCore, now: float, answer: OctoPrintView) -> None:
+    """Given a core that asked without the job, check that every error OctoPrint could
+    have shown leads to the decision the errorless answer leads to."""
+    decisions = set()
+    for error in ERRORS:
+        twin = copy.deepcopy(core)
+        actions = twin.octoprint_read(replace(answer, error=error), now)
+        decisions.add((repr(actions), twin.state, repr(twin.holds), twin.deadline))
+    assert len(decisions) == 1, f"the error changes the decision after {answer}: {decisions}"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_look_without_the_job_is_never_one_an_error_could_change(seed: int) -> None:
+    """Random walks through events, answers and time; at every look asked without
+    /api/job, each error is fed to copies of the core and must not matter."""
+    rng = random.Random(seed)
+    b = bench(poll=rng.choice((0, 30)))
+    instance = 1000
+    looks_without_job = 0
+    pending: Action | None = None
+    for _ in range(200):
+        if pending is None:
+            move = rng.random()
+            if move < 0.15:
+                instance += 1
+                if b.core.device is not None and rng.random() < 0.8:
+                    b.remove()
+                b.add(replace(DEVICE, instance=str(instance)), enumerated=rng.random() < 0.1)
+            elif move < 0.2 and b.core.device is not None:
+                b.remove()
+            elif move < 0.25:
+                b.core.reconcile(b.now, "reload")
+            actions = b.advance(rng.choice((0.5, 1, 5, 30, 300)))
+            pending = actions[-1] if actions else None
+            continue
+        if isinstance(pending, ReadOctoPrint):
+            answer = rng.choice(ANSWERS)
+            if not pending.job and isinstance(answer, OctoPrintView):
+                looks_without_job += 1
+                _same_decision_whatever_the_error(b.core, b.now, answer)
+            actions = b.answer(answer)
+        else:
+            actions = b.done(rng.choice(COMMAND_RESULTS))
+        pending = actions[-1] if actions else None
+    assert looks_without_job > 0, "the walk never reached a look without the job"

@@ -95,12 +95,24 @@ class FakeOctoPrint:
     error: str | None = None
     connects: list[str] = field(default_factory=list)
     disconnects: int = 0
+    reads: list[bool] = field(default_factory=list)  # each read's ``job``
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cleared: every read waits until it is set, as against a hung OctoPrint.
+    answering: threading.Event = field(default_factory=threading.Event)
 
-    def read(self) -> ReadResult:
+    def __post_init__(self) -> None:
+        self.answering.set()
+
+    def read(self, *, job: bool = True) -> ReadResult:
+        with self.lock:
+            self.reads.append(job)
+        self.answering.wait()
         with self.lock:
             return OctoPrintView(
-                state=self.state, error=self.error, ports=self.ports, baudrate_preference=115200
+                state=self.state,
+                error=self.error if job else None,
+                ports=self.ports,
+                baudrate_preference=115200,
             )
 
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
@@ -247,6 +259,8 @@ def test_ready_after_start_then_power_cycle_connects_once_and_stops_cleanly(
     run = run_daemon(tmp_path, runtime, scenario)
     assert run.exit_code == [0]
     assert run.octoprint.connects == [BY_ID]
+    # The look before the connect skips /api/job; the one confirming it does not.
+    assert run.octoprint.reads[:2] == [False, True]
     assert run.notify.messages[-1] == "STOPPING=1"
     status = run.printer_status()
     assert status["device"] == "/dev/ttyACM0"

@@ -38,7 +38,7 @@ class ScriptedOctoPrint:
         self.connects: list[str] = []
         self.closed = False
 
-    def read(self) -> ReadResult:
+    def read(self, *, job: bool = True) -> ReadResult:
         return self._read
 
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
