@@ -148,7 +148,11 @@ class Daemon:
         self._printers: dict[str, _Printer] = {}
         self._present: dict[str, Device] = {}
         self._workers = RequestWorkers()
-        self._selector = selectors.DefaultSelector()
+        # select(), not epoll: its timeout is in microseconds, where epoll's is rounded
+        # up to the millisecond, twice over by Python, so every deadline (a settle
+        # window's end) came 1-2 ms late. Its limit, descriptors below 1024, is no
+        # limit here: the three it watches are opened at start.
+        self._selector = selectors.SelectSelector()
         self._signal_reader: socket.socket | None = None
         self._stop_requested = False
         self._reload_requested = False
