@@ -7,8 +7,9 @@ the select timeout. Nothing here sleeps, and no other thread touches state.
 
 What the loop does on each wake-up: route device events to the printer they
 belong to, hand OctoPrint answers to the core that asked, run cores whose deadline
-passed, execute the actions they return, then write the status file, the holds
-and ``STATUS=`` when something changed.
+passed, execute the actions they return, then write the holds when they changed,
+and the status file and ``STATUS=`` when something changed and no request is on
+its way (see :data:`STATUS_MAY_LAG`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ STATE_FILE = "state.json"
 EXIT_UNAVAILABLE = 69  # sysexits.h: a service we need (udev's netlink) is not there
 # udevd's control socket: libudev's own test for "udevd is running".
 UDEV_CONTROL = "/run/udev/control"
+# While a request is in flight, the status file and STATUS= wait for its answer
+# (which changes them again within milliseconds), at most this long: written at
+# once, they would hold up the very request the loop just handed to a worker, by a
+# millisecond on each step from a device's return to the connect (bench/run).
+STATUS_MAY_LAG = 0.25
 
 
 class DeviceSource(Protocol):
@@ -160,6 +166,7 @@ class Daemon:
         self._saved_memory: dict[str, dict[str, object]] | None = None
         self._written_status: list[dict[str, object]] | None = None
         self._status_failed = False
+        self._status_waiting_since: float | None = None  # see STATUS_MAY_LAG
         self._started = iso_utc(wall_clock())
         self._unmatched_warned: set[str] = set()
         self._plugins_checked: set[str] = set()  # OctoPrint URLs asked about reconnect plugins
@@ -217,6 +224,8 @@ class Daemon:
         deadlines = [p.core.deadline for p in self._printers.values()]
         deadlines += [p.next_static_check for p in self._printers.values()]
         deadlines.append(self._next_watchdog)
+        if self._status_waiting_since is not None:
+            deadlines.append(self._status_waiting_since + STATUS_MAY_LAG)
         pending = [d for d in deadlines if d is not None]
         if not pending:
             return None
@@ -470,6 +479,8 @@ class Daemon:
             except OSError as error:
                 log.error("cannot store holds in %s: %s", self._state_path, error)
                 self._saved_memory = memory  # logged once per change, not per wake-up
+        if self._status_may_wait():
+            return
         printers = self._printer_status()
         if printers != self._written_status:
             document = {
@@ -496,6 +507,20 @@ class Daemon:
         # On every wake-up: the notifier sends only a changed line, and one that did
         # not fit in systemd's full queue last time is sent again now.
         self._notifier.status(self._summary(printers))
+
+    def _status_may_wait(self) -> bool:
+        """Return whether the status may wait for a request in flight (STATUS_MAY_LAG)."""
+        if not self._workers.in_flight:
+            self._status_waiting_since = None
+            return False
+        now = self._clock()
+        if self._status_waiting_since is None:
+            self._status_waiting_since = now
+        if now < self._status_waiting_since + STATUS_MAY_LAG:
+            return True
+        # A slow request: show where things stand, then wait again.
+        self._status_waiting_since = now
+        return False
 
     def _printer_status(self) -> list[dict[str, object]]:
         now, wall = self._clock(), self._wall_clock()

@@ -268,6 +268,27 @@ def test_ready_after_start_then_power_cycle_connects_once_and_stops_cleanly(
     assert run.status()["pid"] == os.getpid()
 
 
+def test_status_waits_for_a_request_in_flight_but_not_for_a_hung_one(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        run.octoprint.answering.clear()
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.octoprint.reads == [False], "the read")
+        # Written STATUS_MAY_LAG after the read began, not when it ends (never, here).
+        wait_until(lambda: run.printer_status().get("state") == "checking", "status file")
+        still_hung = not run.octoprint.answering.is_set()
+        run.octoprint.answering.set()
+        wait_until(lambda: run.printer_status().get("state") == "operational", "status file")
+        assert still_hung, "the status was written while the read hung"
+        run.notify.wait_for(lambda m: m == "STATUS=mk3s: operational")
+
+    run = run_daemon(tmp_path, runtime, scenario)
+    assert run.octoprint.connects == [BY_ID]
+    assert "STATUS=mk3s: checking" in run.notify.messages
+
+
 def test_burst_of_events_gives_one_connect(tmp_path: Path, runtime: dict[str, str]) -> None:
     def scenario(run: Run) -> None:
         run.notify.wait_for(lambda m: m.startswith("READY=1"))
