@@ -103,14 +103,6 @@ def test_2_0_offline_after_error_without_text_is_an_unnamed_error(
     )
 
 
-def test_every_request_closes_its_connection(server: ScriptedServer, api: OctoPrintApi) -> None:
-    # OctoPrint 1.9.3 closes each connection after answering without saying so.
-    serve_state(server)
-    api.read()
-    api.disconnect()
-    assert [s.headers.get("Connection") for s in server.script.seen] == ["close"] * 3
-
-
 def test_2_0_precondition_failure_is_a_refusal(server: ScriptedServer, api: OctoPrintApi) -> None:
     message = "Preconditions for connecting to serial weren't met by provided parameters"
     server.answer("POST", "/api/connection", Answer(412, {"error": message}))
