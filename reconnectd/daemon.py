@@ -163,7 +163,7 @@ class Daemon:
         self._stop_requested = False
         self._reload_requested = False
         self._next_watchdog: float | None = None
-        self._saved_memory: dict[str, dict[str, object]] | None = None
+        self._saved_memory: Mapping[str, object] | None = None  # as the state file has it
         self._written_status: list[dict[str, object]] | None = None
         self._status_failed = False
         self._status_waiting_since: float | None = None  # see STATUS_MAY_LAG
@@ -468,6 +468,10 @@ class Daemon:
         if not isinstance(printers, dict):
             log.warning('ignoring stored holds: %s has no "printers" object', self._state_path)
             return {}
+        if document == {"version": 1, "printers": printers}:
+            # Exactly what _after_wake() writes: unless a core remembers something else,
+            # a start leaves the file alone (no fsync at every start of a Pi's SD card).
+            self._saved_memory = printers
         return printers
 
     def _after_wake(self) -> None:

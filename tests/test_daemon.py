@@ -397,6 +397,25 @@ def test_holds_survive_a_restart(tmp_path: Path, runtime: dict[str, str]) -> Non
     assert "firmware error" in str(run.printer_status()["holds"])
 
 
+def test_a_start_leaves_an_unchanged_state_file_alone(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    state = Path(runtime["STATE_DIRECTORY"]) / "state.json"
+    remembered: dict[str, object] = {"holds": [], "connected_instance": None, "last_instance": None}
+    state.write_text(json.dumps({"version": 1, "printers": {"mk3s": remembered}}))
+    before = state.stat().st_ino
+
+    def started(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+
+    run_daemon(tmp_path, runtime, started)
+    assert state.stat().st_ino == before, "rewritten though nothing changed"
+    # A printer no longer configured is forgotten: that is a change.
+    state.write_text(json.dumps({"version": 1, "printers": {"mk3s": remembered, "gone": {}}}))
+    run_daemon(tmp_path, runtime, started)
+    assert json.loads(state.read_text()) == {"version": 1, "printers": {"mk3s": remembered}}
+
+
 def test_watchdog_is_pinged_from_the_loop(tmp_path: Path, runtime: dict[str, str]) -> None:
     runtime["WATCHDOG_USEC"] = "200000"  # a ping every 0.1 s
     runtime["WATCHDOG_PID"] = str(os.getpid())
