@@ -356,6 +356,7 @@ def test_the_full_run_measures_what_the_issue_asks() -> None:
 
 
 def test_where_keeps_logs_and_runtime_apart(tmp_path: Path) -> None:
-    where = Where(tmp_path / "logs", tmp_path / "tmpfs").sub("idle")
+    where = Where(tmp_path / "logs", tmp_path / "tmpfs", tmp_path / "bytecode").sub("idle")
     assert where.logs == tmp_path / "logs" / "idle"
     assert where.runtime == tmp_path / "tmpfs" / "idle"
+    assert where.bytecode == tmp_path / "bytecode", "one cache for every phase"
