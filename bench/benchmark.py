@@ -181,7 +181,8 @@ def warm_bytecode(where: Where) -> None:
     importer = (
         "import importlib, pkgutil, reconnectd\n"
         "for module in pkgutil.walk_packages(reconnectd.__path__, 'reconnectd.'):\n"
-        "    importlib.import_module(module.name)\n"
+        "    if not module.name.endswith('.__main__'):  # that one runs the command\n"
+        "        importlib.import_module(module.name)\n"
     )
     env = {**os.environ, **bytecode_env(where), "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", importer], env=env, check=True, cwd=REPO)
