@@ -166,7 +166,9 @@ class PrinterCore:
     holds: list[Hold] = field(default_factory=list)
     # Persisted across restarts (see memory()/restore()):
     connected_instance: str | None = None  # where we last saw OctoPrint connected
-    last_instance: str | None = None  # the last instance we saw present
+    # The last instance OctoPrint was read on. Not the last one seen: stored when the
+    # device came back, a restart before the look would take the return as old news.
+    last_instance: str | None = None
 
     state: State = State.ABSENT
     decision: str = "none"
@@ -244,7 +246,6 @@ class PrinterCore:
                 )
             self.holds = []
             self._deadline = now + self.settings.settle
-        self.last_instance = device.instance
         self._reset_attempts()
         self._held_logged = False
         return actions
@@ -291,6 +292,8 @@ class PrinterCore:
             return []  # a device event came while we asked: it decides anew
         if isinstance(result, (Unreachable, Refused)):
             return self._outage_started(result, now)
+        assert self.device is not None  # a device event would have made the answer stale
+        self.last_instance = self.device.instance
         actions = self._outage_ended()
         actions += self._decide(result, now)
         return actions

@@ -988,3 +988,19 @@ def test_a_look_without_the_job_is_never_one_an_error_could_change(seed: int) ->
             actions = b.done(rng.choice(COMMAND_RESULTS))
         pending = actions[-1] if actions else None
     assert looks_without_job > 0, "the walk never reached a look without the job"
+
+
+def test_a_restart_during_the_settle_window_still_sees_the_return() -> None:
+    """Stopped (kill -9, a reload that rebuilds the core) after the device came back but
+    before reconnectd looked: OctoPrint 2.0 still shows the vanished device's unnamed
+    error, which must read as stale, not as a firmware stop."""
+    b = connected_bench()
+    b.remove()
+    b.add(REPLUGGED)
+    memory = b.core.memory()  # as stored when the device came back
+    restarted = bench()
+    restarted.core.restore(memory)
+    restarted.add(REPLUGGED, enumerated=True)
+    assert restarted.advance(0) == [FIRST_LOOK]
+    assert restarted.answer(view(error=UNNAMED_ERROR)) == [Connect(BY_ID, 115200, None)]
+    assert restarted.core.holds == []
