@@ -292,8 +292,8 @@ class PrinterCore:
             return []  # a device event came while we asked: it decides anew
         if isinstance(result, (Unreachable, Refused)):
             return self._outage_started(result, now)
-        assert self.device is not None  # a device event would have made the answer stale
-        self.last_instance = self.device.instance
+        if self.device is not None:  # always: a device event makes the answer stale
+            self.last_instance = self.device.instance
         actions = self._outage_ended()
         actions += self._decide(result, now)
         return actions

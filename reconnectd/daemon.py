@@ -199,7 +199,8 @@ class Daemon:
             for device in present:
                 self._on_device_event(DeviceAdded(device, enumerated=True), now)
             self._check_static_nodes(now, at_start=True)
-            self._after_wake()
+            # Written before READY=1 even if a request (the plugin check) is on its way.
+            self._after_wake(status_may_wait=False)
             self._notifier.ready(self._summary())
             interval = self._notifier.watchdog_interval
             if interval is not None:
@@ -474,7 +475,7 @@ class Daemon:
             self._saved_memory = printers
         return printers
 
-    def _after_wake(self) -> None:
+    def _after_wake(self, *, status_may_wait: bool = True) -> None:
         memory = {name: p.core.memory() for name, p in self._printers.items()}
         if memory != self._saved_memory:
             try:
@@ -483,7 +484,7 @@ class Daemon:
             except OSError as error:
                 log.error("cannot store holds in %s: %s", self._state_path, error)
                 self._saved_memory = memory  # logged once per change, not per wake-up
-        if self._status_may_wait():
+        if status_may_wait and self._status_may_wait():
             return
         printers = self._printer_status()
         if printers != self._written_status:

@@ -131,6 +131,7 @@ class FakeOctoPrint:
             return Accepted()
 
     def reconnect_plugins(self) -> list[tuple[str, str]] | Refused:
+        self.answering.wait()
         return []  # the real check runs against a real OctoPrint in test_octoprint_versions.py
 
     def set(self, state: str, error: str | None = None) -> None:
@@ -287,6 +288,21 @@ def test_status_waits_for_a_request_in_flight_but_not_for_a_hung_one(
     run = run_daemon(tmp_path, runtime, scenario)
     assert run.octoprint.connects == [BY_ID]
     assert "STATUS=mk3s: checking" in run.notify.messages
+
+
+def test_status_file_is_there_at_ready_while_the_plugin_check_hangs(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint()
+    octoprint.answering.clear()  # the plugin check, asked at start, gets no answer
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        state = run.printer_status().get("state")
+        octoprint.answering.set()
+        assert state == "absent", "no status file when READY=1 was sent"
+
+    run_daemon(tmp_path, runtime, scenario, octoprint=octoprint)
 
 
 def test_burst_of_events_gives_one_connect(tmp_path: Path, runtime: dict[str, str]) -> None:
