@@ -14,6 +14,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedReader
 
 import pytest
 
@@ -94,8 +95,7 @@ class RawServer:
         with self._lock:
             self.resets += 1
 
-    def _read_request(self, reader: object, number: int) -> Request | None:
-        assert hasattr(reader, "readline") and hasattr(reader, "read")
+    def _read_request(self, reader: BufferedReader, number: int) -> Request | None:
         line = reader.readline()
         if not line:
             return None
