@@ -20,7 +20,7 @@ import pytest
 
 from reconnectd.octoprint_api import OctoPrintApi
 from reconnectd.octoprint_state import Accepted, OctoPrintView, Unreachable
-from tests.test_octoprint_api import CONNECTION, JOB_OFFLINE, KEY
+from tests.support.scripted_octoprint import CONNECTION, JOB_OFFLINE, KEY
 
 BODIES = {"/api/connection": CONNECTION, "/api/job": JOB_OFFLINE}
 

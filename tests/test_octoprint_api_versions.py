@@ -1,5 +1,5 @@
 """The client against the answers OctoPrint 1.9.3 and 2.0.0rc7 gave where they differ
-from 1.11.8, served by test_octoprint_api.py's scripted server on loopback.
+from 1.11.8, served by the scripted server on loopback (tests/support/scripted_octoprint.py).
 
 The bodies are the ones seen against the real versions; test_octoprint_versions.py
 runs the core scenarios against the real ones.
@@ -8,10 +8,7 @@ runs the core scenarios against the real ones.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from reconnectd.octoprint_api import OctoPrintApi
 from reconnectd.octoprint_state import (
@@ -22,7 +19,7 @@ from reconnectd.octoprint_state import (
     Refused,
     Unreachable,
 )
-from tests.test_octoprint_api import CONNECTION, KEY, Answer, ScriptedServer, serve_state
+from tests.support.scripted_octoprint import CONNECTION, KEY, Answer, ScriptedServer, serve_state
 
 # What OctoPrint 2.0.0rc7 serves as the 1.x /api/connection with no connection.
 CONNECTION_2_0: dict[str, Any] = json.loads(json.dumps(CONNECTION))
@@ -30,20 +27,6 @@ CONNECTION_2_0["current"].update(state="Offline", printerProfile=None)
 CONNECTION_2_0["options"]["autoconnect"] = False
 VERSION_2_0 = {"api": "0.1", "server": "2.0.0rc7", "text": "OctoPrint 2.0.0rc7"}
 VERSION_1_11 = {"api": "0.1", "server": "1.11.8", "text": "OctoPrint 1.11.8"}
-
-
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    scripted = ScriptedServer()
-    yield scripted
-    scripted.close()
-
-
-@pytest.fixture
-def api(server: ScriptedServer) -> Iterator[OctoPrintApi]:
-    client = OctoPrintApi(server.url, KEY, 0.5)
-    yield client
-    client.close()
 
 
 def connecting() -> dict[str, Any]:
