@@ -319,6 +319,11 @@ class PrinterCore:
         """The monotonic time at which :meth:`tick` wants to run, or None."""
         return None if self._in_flight else self._deadline
 
+    @property
+    def awaiting_answer(self) -> bool:
+        """Whether a request this core asked for has not been answered yet."""
+        return self._in_flight
+
     def memory(self) -> dict[str, object]:
         """Return what must survive a restart, as JSON-ready values."""
         return {

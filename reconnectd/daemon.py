@@ -53,8 +53,8 @@ STATE_FILE = "state.json"
 EXIT_UNAVAILABLE = 69  # sysexits.h: a service we need (udev's netlink) is not there
 # udevd's control socket: libudev's own test for "udevd is running".
 UDEV_CONTROL = "/run/udev/control"
-# While a request is in flight, the status file and STATUS= wait for its answer
-# (which changes them again within milliseconds), at most this long: written at
+# While a printer's request is in flight, the status file and STATUS= wait for its
+# answer (which changes them again within milliseconds), at most this long: written at
 # once, they would hold up the very request the loop just handed to a worker, by a
 # millisecond on each step from a device's return to the connect (bench/run).
 STATUS_MAY_LAG = 0.25
@@ -199,8 +199,7 @@ class Daemon:
             for device in present:
                 self._on_device_event(DeviceAdded(device, enumerated=True), now)
             self._check_static_nodes(now, at_start=True)
-            # Written before READY=1 even if a request (the plugin check) is on its way.
-            self._after_wake(status_may_wait=False)
+            self._after_wake()
             self._notifier.ready(self._summary())
             interval = self._notifier.watchdog_interval
             if interval is not None:
@@ -475,7 +474,7 @@ class Daemon:
             self._saved_memory = printers
         return printers
 
-    def _after_wake(self, *, status_may_wait: bool = True) -> None:
+    def _after_wake(self) -> None:
         memory = {name: p.core.memory() for name, p in self._printers.items()}
         if memory != self._saved_memory:
             try:
@@ -484,7 +483,7 @@ class Daemon:
             except OSError as error:
                 log.error("cannot store holds in %s: %s", self._state_path, error)
                 self._saved_memory = memory  # logged once per change, not per wake-up
-        if status_may_wait and self._status_may_wait():
+        if self._status_may_wait():
             return
         printers = self._printer_status()
         if printers != self._written_status:
@@ -514,8 +513,10 @@ class Daemon:
         self._notifier.status(self._summary(printers))
 
     def _status_may_wait(self) -> bool:
-        """Return whether the status may wait for a request in flight (STATUS_MAY_LAG)."""
-        if not self._workers.in_flight:
+        """Return whether the status may wait for a printer's request in flight
+        (STATUS_MAY_LAG). Only those change it: the plugin check's answer does not, and
+        none is in flight before READY=1 (a core asks only when its deadline runs)."""
+        if not any(p.core.awaiting_answer for p in self._printers.values()):
             self._status_waiting_since = None
             return False
         now = self._clock()

@@ -77,7 +77,6 @@ class RequestWorkers:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
-        self._in_flight = 0  # submitted, result not yet collected (the loop's count)
 
     def fileno(self) -> int:
         """Return the fd that becomes readable when a result is waiting."""
@@ -89,12 +88,6 @@ class RequestWorkers:
         if worker is None:
             worker = self._workers[key] = _Worker(key, self._finished)
         worker.submit(_Task(owner, request, job))
-        self._in_flight += 1
-
-    @property
-    def in_flight(self) -> int:
-        """Return how many submitted calls have not had their result collected."""
-        return self._in_flight
 
     def collect(self) -> list[Completed[object]]:
         """Return every result that arrived, oldest first; never blocks."""
@@ -108,7 +101,6 @@ class RequestWorkers:
             try:
                 done.append(self._results.get_nowait())
             except queue.Empty:
-                self._in_flight -= len(done)
                 return done
 
     def retire(self, key: str) -> None:

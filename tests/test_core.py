@@ -163,9 +163,12 @@ def test_power_cycle_connects_once_after_settle_to_by_id_link() -> None:
     assert b.add() == []
     assert b.advance(0.99) == []
     assert b.advance(0.01) == [FIRST_LOOK]
+    assert b.core.awaiting_answer
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
     assert b.state() == State.CONNECTING
+    assert b.core.awaiting_answer, "the connect is asked for"
     assert b.done() == []
+    assert not b.core.awaiting_answer
     assert b.advance(0.5) == [ReadOctoPrint()]
     assert b.answer(view("Connecting")) == []
     assert b.advance(1.0) == [ReadOctoPrint()]
