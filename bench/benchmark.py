@@ -49,7 +49,14 @@ from tests.support.fake_marlin import FakeMarlin
 from tests.support.fake_octoprint import OPERATIONAL, FakeOctoPrint, ports_under, printer_under
 from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
 from tests.support.printers import SimulatedPrinters
-from tests.support.testbed import Plugged, Testbed, unavailable_reason
+from tests.support.testbed import (
+    Plugged,
+    Testbed,
+    mount_tmpfs,
+    open_testbed,
+    unavailable_reason,
+    unmount_tmpfs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 POLLER = Path(__file__).with_name("poller.py")
@@ -413,52 +420,19 @@ def tmpfs_dir(notes: list[str]) -> Iterator[str | None]:
     """Yield a directory on a tmpfs mounted for the run, or None where mounting is refused.
 
     umockdev builds its tree under $TMPDIR; on this machine's disk adding and removing
-    a device takes several ms (16 replugs 0.6-2 s, see tests/test_storm.py), on a
-    tmpfs well under 1 ms: only there do 32 replugs fit in 200 ms. Needs root.
+    a device takes several ms, on a tmpfs well under 1 ms: only there do 32 replugs fit
+    in 200 ms (see ``tests.support.testbed.mount_tmpfs``). Needs root.
     """
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        notes.append("testbeds on disk (not root: no tmpfs); the storm may exceed its 200 ms")
-        yield None
-        return
-    path = tempfile.mkdtemp(prefix="rcd-bench-", dir="/tmp")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "tmpfs", path],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        os.rmdir(path)
-        notes.append("testbeds on disk (mounting a tmpfs failed); the storm may exceed 200 ms")
+    path = mount_tmpfs("rcd-bench-", "256m")
+    if path is None:
+        reason = "not root" if os.geteuid() != 0 else "mounting a tmpfs failed"
+        notes.append(f"testbeds on disk ({reason}); the storm may exceed 200 ms")
         yield None
         return
     try:
         yield path
     finally:
-        if subprocess.run(["umount", path], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
-        os.rmdir(path)
-
-
-def make_testbed(workdir: Path, tmpdir: str | None) -> Testbed:
-    """Given a log directory and maybe a tmpfs, return a testbed whose tree lives there.
-
-    The programs under test get the caller's $TMPDIR back in ``testbed.env``.
-    """
-    saved = os.environ.get("TMPDIR")
-    if tmpdir is not None:
-        os.environ["TMPDIR"] = tmpdir
-    try:
-        testbed = Testbed(workdir)
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
-    if saved is None:
-        testbed.env.pop("TMPDIR", None)
-    else:
-        testbed.env["TMPDIR"] = saved
-    return testbed
+        unmount_tmpfs(path)
 
 
 # --- phase 1: start-up ------------------------------------------------------------------
@@ -958,7 +932,7 @@ def run(plan: Plan, phases: Sequence[str], workdir: Path) -> dict[str, Any]:
             workdir, Path(tmpdir) if tmpdir is not None else workdir, workdir / "bytecode"
         )
         warm_bytecode(where)
-        main_bed = stack.enter_context(make_testbed(workdir / "testbed", tmpdir))
+        main_bed = stack.enter_context(open_testbed(workdir / "testbed", tmpdir))
         idle_rig = StandInPrinters(
             main_bed,
             IDLE_PRINTERS,
@@ -974,7 +948,7 @@ def run(plan: Plan, phases: Sequence[str], workdir: Path) -> dict[str, Any]:
         def real_phase() -> None:
             if "real" not in phases or not real_ok:
                 return
-            bed = stack.enter_context(make_testbed(workdir / "testbed-real", tmpdir))
+            bed = stack.enter_context(open_testbed(workdir / "testbed-real", tmpdir))
             instance = OctoPrintInstance(
                 workdir / "octoprint", env=bed.env, additional_ports=["/dev/serial/by-id/*"]
             )
@@ -992,7 +966,7 @@ def run(plan: Plan, phases: Sequence[str], workdir: Path) -> dict[str, Any]:
         if "events" in phases:
             # A testbed of its own: after thousands of replugs, each new device name
             # costs the testbed owner a search through every name used before.
-            events_bed = stack.enter_context(make_testbed(workdir / "testbed-events", tmpdir))
+            events_bed = stack.enter_context(open_testbed(workdir / "testbed-events", tmpdir))
             measure_events(events_bed, where.sub("events"), plan, results)
         if "storm" in phases:
             measure_storm(main_bed, where.sub("storm"), plan, results)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +33,7 @@ from tests.support.fake_octoprint import OPERATIONAL, FakeOctoPrint, ports_under
 from tests.support.octoprint_instance import OctoPrintInstance
 from tests.support.printers import SimulatedPrinters
 from tests.support.real import missing, require_umockdev_and_octoprint
-from tests.support.testbed import Plugged, Testbed
+from tests.support.testbed import Plugged, Testbed, mount_tmpfs, open_testbed, unmount_tmpfs
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.octoprint]
 
@@ -49,69 +46,29 @@ WAIT = 30.0
 POLL = 0.02
 
 
-def _mount_tmpfs() -> str | None:
-    """Mount a small tmpfs on a new directory in /tmp; return it, or None if not allowed."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return None
-    # A short path: the preload's emulated netlink socket lives in the testbed tree,
-    # and a socket's path may not be longer than 107 bytes.
-    path = tempfile.mkdtemp(prefix="rcd-storm-", dir="/tmp")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", path],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        os.rmdir(path)
-        return None
-    return path
-
-
-def _unmount(path: str) -> None:
-    done = subprocess.run(["umount", path], capture_output=True, check=False)
-    if done.returncode != 0:  # something still holds a file there: detach it anyway
-        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
-    os.rmdir(path)
-
-
 @contextlib.contextmanager
 def hub_testbed(workdir: Path) -> Iterator[Testbed]:
     """Given a directory for its log, yield a testbed whose tree is on a tmpfs of its own.
 
-    umockdev makes its tree under $TMPDIR. On this machine's disk (ext4) removing and
-    adding 16 devices takes 0.6 to 2 s, on tmpfs ~0.1 s: only there does the storm fit
-    in 200 ms. /dev/shm will not do: under /dev, the preload takes the tree's own
-    files for device nodes (the owner aborts with "fd_map_add(): overflow"), and
-    through a symlink libudev's resolved paths leave the tree (no device is found).
-    So a tmpfs is mounted for the run, which needs root (as tests/run has here);
-    without it the test is skipped, or fails under RECONNECTD_REQUIRE_REAL=1.
-    The programs under test get the caller's $TMPDIR back.
+    On this machine's disk removing and adding 16 devices takes 0.6 to 2 s, on tmpfs
+    ~0.1 s: only there does the storm fit in 200 ms (see ``mount_tmpfs``). Mounting
+    needs root (as tests/run has here); without it the test is skipped, or fails under
+    RECONNECTD_REQUIRE_REAL=1. The programs under test get the caller's $TMPDIR back.
     """
-    mount = _mount_tmpfs()
+    mount = mount_tmpfs("rcd-storm-", "64m")
     if mount is None:
         missing("root, to mount a tmpfs for the testbed (on disk 16 replugs take 0.6-2 s)")
     assert mount is not None
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = mount
     try:
-        testbed = Testbed(workdir / "testbed")
+        testbed = open_testbed(workdir / "testbed", mount)
     except BaseException:
-        _unmount(mount)
+        unmount_tmpfs(mount)
         raise
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
-    if saved is None:
-        testbed.env.pop("TMPDIR", None)
-    else:
-        testbed.env["TMPDIR"] = saved
     try:
         with testbed:
             yield testbed
     finally:
-        _unmount(mount)
+        unmount_tmpfs(mount)
 
 
 @dataclass
