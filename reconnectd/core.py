@@ -60,6 +60,14 @@ STUCK_AFTER = 20.0
 UNREACHABLE_FIRST = 1.0  # OctoPrint restarting: look again soon ...
 UNREACHABLE_CAP = 30.0  # ... but not more than twice a minute while it is down
 REFUSED_RETRY = 60.0  # a rejected key needs a person; look again now and then
+# OctoPrint rebuilds its port list on every request, but after a replug it can lag
+# udev's add by seconds (udev still making the by-id link, /dev bound into a
+# container, a loaded machine): a node that is present but not listed is looked for
+# again every second for this long before it counts as never offered.
+UNLISTED_GRACE = 10.0
+UNLISTED_LOOK = 1.0
+UNLISTED_FIRST_LOOK = 0.5
+UNLISTED_RETRY = 30.0  # then, with the advice given, 30 s doubling to RETRY_CAP
 
 
 class HoldKind(enum.Enum):
@@ -145,6 +153,7 @@ class State(enum.Enum):
     RECOVERING = "recovering"
     UNREACHABLE = "octoprint unreachable"
     REJECTED = "key rejected"
+    PORT_PENDING = "waiting for the port to be listed"
     NO_PORT = "port not offered"
     DRY_RUN = "dry run"
 
@@ -191,10 +200,19 @@ class PrinterCore:
     _outage_count: int = 0
     _held_logged: bool = False
     _failing: str | None = None  # the cause of the current run of failed connects, once logged
+    _unlisted_since: float | None = None  # first look that found the device's port unlisted
+    _unlisted_looks: int = 0  # looks since the grace ended, for the backoff
 
     # --- inputs -------------------------------------------------------------
 
-    def device_added(self, device: Device, now: float, *, enumerated: bool = False) -> list[Action]:
+    def device_added(
+        self,
+        device: Device,
+        now: float,
+        *,
+        enumerated: bool = False,
+        settle_until: float | None = None,
+    ) -> list[Action]:
         """Given a matching device that appeared (or was present at start), act after settling.
 
         An observed add of a new instance means the device vanished and came back
@@ -202,7 +220,9 @@ class PrinterCore:
         starts over. An add for the instance we already have is udev announcing it
         again (a ``change`` after ``udevadm trigger``): it earns a fresh look, but
         releases nothing, since nothing was switched off. An enumerated device at
-        start releases only holds placed on another instance.
+        start releases only holds placed on another instance. ``settle_until`` carries a
+        settle window that was running when this core replaced another (a reload that
+        changed the printer's config): an enumerated device then waits for it too.
         """
         previous = self.device
         self.device = device
@@ -234,8 +254,9 @@ class PrinterCore:
             if len(kept) != len(self.holds):
                 actions.append(self._log(logging.INFO, "holds released: the device was replugged"))
             self.holds = kept
-            # Nothing to debounce at start: decide now.
-            self._deadline = now
+            # Nothing to debounce at start: decide now, unless the core this one
+            # replaces was still waiting for a burst to settle (rule 2).
+            self._deadline = now if settle_until is None else max(now, settle_until)
         else:
             self._fresh = True
             self._seen_connected = False
@@ -248,6 +269,7 @@ class PrinterCore:
             self._deadline = now + self.settings.settle
         self._reset_attempts()
         self._held_logged = False
+        self._unlisted_since = None
         return actions
 
     def device_removed(self, now: float) -> list[Action]:
@@ -264,14 +286,21 @@ class PrinterCore:
         self._reset_attempts()
         self._recovering = False
         self._opening_since = None
+        self._unlisted_since = None
         self._deadline = None
         self.state = State.ABSENT
         return actions
 
     def reconcile(self, now: float, why: str) -> list[Action]:
-        """Given a reason to look again (a reload), read OctoPrint soon if a device is here."""
+        """Given a reason to look again (a reload), read OctoPrint soon if a device is here.
+
+        A settle window still running is never cut short: the look comes when the
+        burst has settled, and one burst still gives one connect (rule 2).
+        """
         if self.device is None or self._in_flight:
             return []
+        if self.state == State.SETTLING:
+            return [self._log(logging.DEBUG, f"{why}; looking once the device has settled")]
         self._deadline = now
         return [self._log(logging.DEBUG, f"looking again: {why}")]
 
@@ -318,6 +347,11 @@ class PrinterCore:
     def deadline(self) -> float | None:
         """The monotonic time at which :meth:`tick` wants to run, or None."""
         return None if self._in_flight else self._deadline
+
+    @property
+    def settling_until(self) -> float | None:
+        """The end of the settle window this core waits for, or None when not settling."""
+        return self._deadline if self.state == State.SETTLING else None
 
     @property
     def awaiting_answer(self) -> bool:
@@ -513,23 +547,8 @@ class PrinterCore:
         assert self.device is not None
         port = choose_port(self.device, view.ports, self.settings.port)
         if port is None:
-            quiet = self.state == State.NO_PORT
-            self.state = State.NO_PORT
-            offered = ", ".join(view.ports) or "none"
-            hint = self.device.paths[0]
-            actions: list[Action] = [
-                self._decided(
-                    now,
-                    "wait",
-                    f"OctoPrint does not offer {hint} (it offers: {offered}); add "
-                    f'"{_glob_hint(hint)}" to serial.additionalPorts in OctoPrint\'s settings',
-                    level=logging.ERROR,
-                    quiet=quiet,
-                )
-            ]
-            # OctoPrint rebuilds its port list on every request: look again later.
-            self._deadline = now + RETRY_CAP
-            return actions
+            return self._port_unlisted(view, now)
+        self._unlisted_since = None
         baudrate = self.settings.baudrate
         if baudrate is None:
             baudrate = view.baudrate_preference
@@ -548,6 +567,49 @@ class PrinterCore:
                 now, "connect", f"{why}: connecting to {port}{at}", quiet=self._failing is not None
             ),
             self._ask(Connect(port=port, baudrate=baudrate, profile=profile)),
+        ]
+
+    def _port_unlisted(self, view: OctoPrintView, now: float) -> list[Action]:
+        """The device is here but OctoPrint does not list it (yet): look again.
+
+        Within UNLISTED_GRACE the list is most likely lagging udev: look every
+        second, quietly. Past it, OctoPrint really does not offer the port: say how
+        to make it (the by-id glob) once, and look again less and less often.
+        """
+        assert self.device is not None
+        hint = self.device.paths[0]
+        if self._unlisted_since is None:
+            self._unlisted_since = now
+            self._unlisted_looks = 0
+        waited = now - self._unlisted_since
+        if waited < UNLISTED_GRACE:
+            first = self.state != State.PORT_PENDING
+            self.state = State.PORT_PENDING
+            delay = UNLISTED_FIRST_LOOK if first else UNLISTED_LOOK
+            self._deadline = now + min(delay, self._unlisted_since + UNLISTED_GRACE - now)
+            return [
+                self._decided(
+                    now,
+                    "wait",
+                    f"OctoPrint does not list {hint} yet; looking again every second",
+                    quiet=not first,
+                )
+            ]
+        quiet = self.state == State.NO_PORT
+        self.state = State.NO_PORT
+        offered = ", ".join(view.ports) or "none"
+        self._deadline = now + min(UNLISTED_RETRY * 2.0**self._unlisted_looks, RETRY_CAP)
+        self._unlisted_looks += 1
+        return [
+            self._decided(
+                now,
+                "wait",
+                f"OctoPrint does not offer {hint} (it offers: {offered}; waited "
+                f'{waited:.0f} s); add "{_glob_hint(hint)}" to serial.additionalPorts in '
+                "OctoPrint's settings",
+                level=logging.ERROR,
+                quiet=quiet,
+            )
         ]
 
     def _attempt_failed(self, why: str, now: float) -> list[Action]:

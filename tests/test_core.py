@@ -14,6 +14,9 @@ from reconnectd.core import (
     EVENT_DRIVEN_ATTEMPTS,
     RETRY_CAP,
     STUCK_AFTER,
+    UNLISTED_GRACE,
+    UNLISTED_LOOK,
+    UNLISTED_RETRY,
     Action,
     Connect,
     CoreSettings,
@@ -217,21 +220,75 @@ def test_octoprint_preferences_are_used_when_nothing_is_configured() -> None:
     assert actions == [Connect(BY_ID, None, "_default")]
 
 
-def test_port_not_offered_is_one_clear_error_and_no_connect() -> None:
+def test_port_never_offered_is_one_clear_error_after_the_grace_and_no_connect() -> None:
     b = bench()
     b.add()
     b.advance(1)
-    assert b.answer(view(ports=("/dev/ttyS0",))) == []
+    unlisted = view(ports=("/dev/ttyS0",))
+    assert b.answer(unlisted) == []
+    assert b.state() == State.PORT_PENDING
+    # Within the grace OctoPrint's list may be lagging udev: looked for every second,
+    # and no advice yet (it would be wrong: the port is fine and appears seconds later).
+    looks = 1
+    while b.now - 101 < UNLISTED_GRACE:
+        assert b.advance(UNLISTED_LOOK) == [FIRST_LOOK]
+        b.answer(unlisted)
+        looks += 1
+        if b.state() == State.NO_PORT:
+            break
+        assert b.messages(logging.ERROR) == []
     assert b.state() == State.NO_PORT
+    assert looks <= UNLISTED_GRACE / UNLISTED_LOOK + 2, "bounded: about one look a second"
     errors = b.messages(logging.ERROR)
     assert len(errors) == 1
     assert f"OctoPrint does not offer {BY_ID}" in errors[0]
     assert '"/dev/serial/by-id/*" to serial.additionalPorts' in errors[0]
-    # OctoPrint rebuilds its list per request: look again later, without a second error line.
-    assert b.advance(RETRY_CAP) == [FIRST_LOOK]
-    b.answer(view(ports=("/dev/ttyS0",)))
+    # OctoPrint rebuilds its list per request: look again later (backing off), without
+    # a second error line.
+    assert b.core.deadline == pytest.approx(b.now + UNLISTED_RETRY)
+    assert b.advance(UNLISTED_RETRY) == [FIRST_LOOK]
+    b.answer(unlisted)
+    assert b.core.deadline == pytest.approx(b.now + 2 * UNLISTED_RETRY)
+    for _ in range(6):
+        b.advance(RETRY_CAP)
+        b.answer(unlisted)
+    assert b.core.deadline == pytest.approx(b.now + RETRY_CAP), "capped"
     assert len(b.messages(logging.ERROR)) == 1
     assert b.connects() == []
+
+
+@pytest.mark.parametrize("lag", [0.2, 1.0, 3.0, 9.5])
+def test_a_port_listed_late_is_connected_within_a_second_of_being_listed(lag: float) -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    listed_at = b.now + lag
+    b.answer(view(ports=()))
+    while not b.connects():
+        assert b.advance(UNLISTED_LOOK) == [FIRST_LOOK]
+        b.answer(view() if b.now >= listed_at else view(ports=()))
+    assert b.now - listed_at <= UNLISTED_LOOK
+    assert b.connects() == [Connect(BY_ID, 115200, None)]
+    assert b.messages(logging.ERROR) == [], "no by-id advice for a port that was only late"
+    waits = [m for m in b.messages() if "does not list" in m]
+    assert len(waits) == 1, "said once, not per look"
+
+
+def test_the_grace_starts_again_after_the_device_comes_back() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(view(ports=()))
+    for _ in range(20):
+        b.advance(UNLISTED_RETRY)
+        b.answer(view(ports=()))
+    assert b.state() == State.NO_PORT
+    b.remove()
+    b.add(REPLUGGED)
+    b.advance(1)
+    b.answer(view(ports=()))
+    assert b.state() == State.PORT_PENDING
+    assert b.core.deadline is not None and b.core.deadline - b.now <= UNLISTED_LOOK
 
 
 # --- rule 2: a burst of events leads to at most one connect ------------------
@@ -294,6 +351,38 @@ def test_device_removed_while_asking_drops_the_answer() -> None:
     assert b.answer(CLOSED) == []
     assert b.core.deadline is None
     assert b.state() == State.ABSENT
+
+
+def test_a_reload_inside_the_settle_window_does_not_cut_it_short() -> None:
+    b = bench(settle=1.0)
+    b.add()
+    b.advance(0.3)
+    b.core.reconcile(b.now, "config reloaded")
+    assert b.advance(0.69) == [], "a reload must not read (and connect) before the burst settles"
+    b.remove()
+    b.add(REPLUGGED)  # the burst goes on after the reload
+    assert b.advance(0.99) == []
+    assert b.advance(0.01) == [FIRST_LOOK]
+    assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
+    b.done()
+    b.advance(0.5)
+    b.answer(OPERATIONAL)
+    assert len(b.connects()) == 1, "one burst, one connect"
+
+
+def test_a_core_replacing_another_inside_the_settle_window_waits_for_it() -> None:
+    old = bench(settle=1.0)
+    old.add()
+    old.advance(0.4)
+    ends = old.core.settling_until
+    assert ends == pytest.approx(old.now + 0.6)
+    # A reload changed the printer's config: a new core takes over the present device.
+    new = Bench(PrinterCore(CoreSettings(name="mk3s", settle=1.0, baudrate=250000)), now=old.now)
+    new.core.restore(old.core.memory())
+    new._take(new.core.device_added(DEVICE, new.now, enumerated=True, settle_until=ends))
+    assert new.advance(0.59) == []
+    assert new.advance(0.01) != []
+    assert new.core.settling_until is None
 
 
 # --- rule 3: nothing is sent while OctoPrint is connecting or connected ------
