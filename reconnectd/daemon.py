@@ -7,9 +7,14 @@ the select timeout. Nothing here sleeps, and no other thread touches state.
 
 What the loop does on each wake-up: route device events to the printer they
 belong to, hand OctoPrint answers to the core that asked, run cores whose deadline
-passed, execute the actions they return, then write the holds when they changed,
-and the status file and ``STATUS=`` when something changed and no request is on
-its way (see :data:`STATUS_MAY_LAG`).
+passed, execute the actions they return, then write the holds when they changed
+(``hold_store``), and the status file and ``STATUS=`` when something changed and no
+request is on its way (see :data:`STATUS_MAY_LAG`).
+
+Each of those steps is a public method (:meth:`Daemon.start`, :meth:`Daemon.on_udev`,
+:meth:`Daemon.on_results`, :meth:`Daemon.after_select`), which :meth:`Daemon.run`
+calls from its selector; tests/test_model.py calls them in whatever order the world
+can produce, with a fake clock and workers whose answers it delivers when it likes.
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ from reconnectd.core import (
     State,
 )
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
-from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
+from reconnectd.hold_store import HoldStore, Writer
+from reconnectd.jsonfiles import write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.octoprint_state import CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import iso_utc, state_dir, status_path, summary_line
-from reconnectd.workers import RequestWorkers
+from reconnectd.workers import Completed, Job, RequestWorkers
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,20 @@ class WatchedOctoPrint(OctoPrint, Protocol):
     def reconnect_plugins(self) -> list[tuple[str, str]] | Unreachable | Refused: ...
 
 
+class Workers(Protocol):
+    """Where requests run: ``workers.RequestWorkers`` in production.
+
+    Requests with the same key (a printer's name) run one after another, in the
+    order submitted; the daemon relies on that (see ``Daemon._apply_config``).
+    """
+
+    def fileno(self) -> int: ...
+    def submit(self, key: str, owner: object, request: object, job: Job) -> None: ...
+    def collect(self) -> list[Completed[object]]: ...
+    def retire(self, key: str) -> None: ...
+    def close(self) -> None: ...
+
+
 class Notifier(Protocol):
     """The service manager: ``systemd.Notifier`` in production."""
 
@@ -107,6 +127,9 @@ class _Printer:
     devpath: str | None = None  # the device it owns now
     static: bool = False  # that device was found behind a static node, not by udev
     next_static_check: float | None = None
+    # The settle window of the core this one replaced (a reload changed the config),
+    # for the device it takes over: a reload must not cut a burst short (rule 2).
+    settle_until: float | None = None
 
 
 def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
@@ -138,6 +161,8 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sys_root: str = SYS_ROOT,
+        workers: Workers | None = None,
+        write_state: Writer = write_json_atomic,
     ) -> None:
         env = os.environ if environ is None else environ
         self._config = config
@@ -150,10 +175,10 @@ class Daemon:
         self._clock = clock
         self._wall_clock = wall_clock
         self._status_path = status_path(env)
-        self._state_path = state_file(env)
+        self._holds = HoldStore(state_file(env), write=write_state, wall_clock=wall_clock)
         self._printers: dict[str, _Printer] = {}
         self._present: dict[str, Device] = {}
-        self._workers = RequestWorkers()
+        self._workers: Workers = RequestWorkers() if workers is None else workers
         # select(), not epoll: its timeout is in microseconds, where epoll's is rounded
         # up to the millisecond, twice over by Python, so every deadline (a settle
         # window's end) came 1-2 ms late. Its limit, descriptors below 1024, is no
@@ -163,8 +188,8 @@ class Daemon:
         self._stop_requested = False
         self._reload_requested = False
         self._next_watchdog: float | None = None
-        self._saved_memory: Mapping[str, object] | None = None  # as the state file has it
         self._written_status: list[dict[str, object]] | None = None
+        self._written_unsaved: str | None = None
         self._status_failed = False
         self._status_waiting_since: float | None = None  # see STATUS_MAY_LAG
         self._started = iso_utc(wall_clock())
@@ -179,39 +204,13 @@ class Daemon:
         self._signal_reader = signal_reader
         try:
             self._selector.register(signal_reader, selectors.EVENT_READ, self._on_signals)
-            self._selector.register(self._workers.fileno(), selectors.EVENT_READ, self._on_results)
-            try:
-                present = self._source.start()
-                self._selector.register(self._source.fileno(), selectors.EVENT_READ, self._on_udev)
-            except OSError as error:
-                if not _static_printers(self._config):
-                    log.error("cannot listen to udev for device events: %s", error)
-                    return EXIT_UNAVAILABLE
-                log.warning(
-                    "cannot listen to udev for device events (%s): running on polling only",
-                    error,
-                )
-                present = []
-            self._log_start()
-            memory = self._load_memory()
-            self._apply_config(self._config, memory)
-            now = self._clock()
-            for device in present:
-                self._on_device_event(DeviceAdded(device, enumerated=True), now)
-            self._check_static_nodes(now, at_start=True)
-            self._after_wake()
-            self._notifier.ready(self._summary())
-            interval = self._notifier.watchdog_interval
-            if interval is not None:
-                self._next_watchdog = self._clock()
+            exit_code = self.start()
+            if exit_code is not None:
+                return exit_code
             while not self._stop_requested:
                 for key, _ in self._selector.select(self._select_timeout()):
                     key.data()
-                if self._reload_requested:
-                    self._reload_requested = False
-                    self._reload()
-                self._run_due(self._clock())
-                self._after_wake()
+                self.after_select()
             log.info("stopping on request")
             return 0
         finally:
@@ -220,16 +219,61 @@ class Daemon:
             restore_signals()
             signal_reader.close()
 
-    def _select_timeout(self) -> float | None:
+    def start(self) -> int | None:
+        """Listen, load what the last run stored, take stock of the present devices and
+        say READY=1; return an exit code if the daemon cannot run, else None."""
+        self._selector.register(self._workers.fileno(), selectors.EVENT_READ, self.on_results)
+        try:
+            present = self._source.start()
+            self._selector.register(self._source.fileno(), selectors.EVENT_READ, self.on_udev)
+        except OSError as error:
+            if not _static_printers(self._config):
+                log.error("cannot listen to udev for device events: %s", error)
+                return EXIT_UNAVAILABLE
+            log.warning(
+                "cannot listen to udev for device events (%s): running on polling only",
+                error,
+            )
+            present = []
+        self._log_start()
+        memory = self._holds.load()
+        self._apply_config(self._config, memory)
+        now = self._clock()
+        for device in present:
+            self._on_device_event(DeviceAdded(device, enumerated=True), now)
+        self._check_static_nodes(now, at_start=True)
+        self._after_wake()
+        self._notifier.ready(self._summary())
+        if self._notifier.watchdog_interval is not None:
+            self._next_watchdog = self._clock()
+        return None
+
+    def request_reload(self) -> None:
+        """Reload the config on the next :meth:`after_select` (what SIGHUP does)."""
+        self._reload_requested = True
+
+    def after_select(self) -> None:
+        """After the selector's callbacks: reload if asked, run what is due, then store
+        and publish what changed."""
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload()
+        self._run_due(self._clock())
+        self._after_wake()
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time of the next thing the loop must do, or None."""
         deadlines = [p.core.deadline for p in self._printers.values()]
         deadlines += [p.next_static_check for p in self._printers.values()]
-        deadlines.append(self._next_watchdog)
+        deadlines += [self._next_watchdog, self._holds.retry_at]
         if self._status_waiting_since is not None:
             deadlines.append(self._status_waiting_since + STATUS_MAY_LAG)
         pending = [d for d in deadlines if d is not None]
-        if not pending:
-            return None
-        return max(0.0, min(pending) - self._clock())
+        return min(pending) if pending else None
+
+    def _select_timeout(self) -> float | None:
+        deadline = self.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self._clock())
 
     def _run_due(self, now: float) -> None:
         if self._next_watchdog is not None and now >= self._next_watchdog:
@@ -253,14 +297,16 @@ class Daemon:
                 log.info("received %s", signal.Signals(signum).name)
                 self._stop_requested = True
             elif signum == signal.SIGHUP:
-                self._reload_requested = True
+                self.request_reload()
 
-    def _on_udev(self) -> None:
+    def on_udev(self) -> None:
+        """Take the device events waiting at the source."""
         now = self._clock()
         for event in self._source.drain():
             self._on_device_event(event, now)
 
-    def _on_results(self) -> None:
+    def on_results(self) -> None:
+        """Hand the requests' answers waiting at the workers to the cores that asked."""
         now = self._clock()
         for completed in self._workers.collect():
             if isinstance(completed.request, _PluginCheck):
@@ -271,7 +317,7 @@ class Daemon:
                 continue
             printer = self._printers.get(completed.key)
             if printer is None or printer.core is not completed.owner:
-                continue  # the printer was removed or replaced by a reload meanwhile
+                continue  # the printer was removed or replaced by a reload, or a closing
             result: Any = completed.result
             if isinstance(result, BaseException):
                 result = Unreachable(f"internal error: {result}")
@@ -283,12 +329,24 @@ class Daemon:
 
     def _on_device_event(self, event: DeviceEvent, now: float) -> None:
         if isinstance(event, DeviceRemoved):
+            # Only the node a printer owns now counts: the old node's remove can reach
+            # us after the new node's add when the cable moved to another USB port
+            # (udev orders events only for related paths).
             self._present.pop(event.devpath, None)
             gone = self._owner_of(event.devpath)
             if gone is not None:
                 gone.devpath = None
                 gone.static = False
                 self._execute(gone, gone.core.device_removed(now))
+                successor = self._waiting_device(gone)
+                if successor is not None:
+                    log.info(
+                        "%s: %s went; %s, which came meanwhile, is the printer now",
+                        gone.config.name,
+                        event.devpath.rsplit("/", 1)[-1],
+                        successor.node,
+                    )
+                    self._on_device_event(DeviceAdded(successor), now)
             return
         device = event.device
         self._present[device.devpath] = device
@@ -296,7 +354,26 @@ class Daemon:
         if printer is None:
             return
         printer.devpath = device.devpath
-        self._execute(printer, printer.core.device_added(device, now, enumerated=event.enumerated))
+        settle_until, printer.settle_until = printer.settle_until, None
+        self._execute(
+            printer,
+            printer.core.device_added(
+                device, now, enumerated=event.enumerated, settle_until=settle_until
+            ),
+        )
+
+    def _waiting_device(self, printer: _Printer) -> Device | None:
+        """Given a printer that just lost its device, return the newest present device
+        that matches it and that no printer owns (it came while the old one was there)."""
+        configs = [p.config for p in self._printers.values()]
+        owned = {p.devpath for p in self._printers.values()}
+        for device in reversed(list(self._present.values())):
+            if device.devpath in owned:
+                continue
+            claims = matching_printers(configs, device)
+            if claims and claims[0].name == printer.config.name:
+                return device
+        return None
 
     def _check_static_nodes(self, now: float, *, at_start: bool = False) -> None:
         """Look behind each polled printer's static node (``port``) in sysfs.
@@ -356,13 +433,16 @@ class Daemon:
             )
         printer = self._printers[claims[0].name]
         if printer.devpath is not None and printer.devpath in self._present:
+            # Also the first sign of a cable moved to another port: the old node's
+            # remove may still be on its way, and then this device takes over.
             current = self._present[printer.devpath]
             log.warning(
-                "%s: %s matches too, but the printer is already %s; ignoring %s",
+                "%s: %s matches too, but the printer is already %s; ignoring %s while %s is there",
                 printer.config.name,
                 device.node,
                 current.node,
                 device.node,
+                current.node,
             )
             return None
         return printer
@@ -404,16 +484,20 @@ class Daemon:
             if remembered is not None:
                 for problem in core.restore(remembered):
                     log.warning("%s", problem)
-            if kept is not None:
-                self._workers.retire(kept.config.name)
-                kept.api.close()
-            self._printers[printer_config.name] = _Printer(
+            replacement = _Printer(
                 printer_config, core, self._api_factory(printer_config.octoprint)
             )
+            if kept is not None:
+                replacement.settle_until = kept.core.settling_until
+                # Closed in the printer's own worker, after a request still running on
+                # it: the new core's first read then comes after the old core's
+                # connect, sees it, and does not connect a second time (rule 2).
+                self._workers.submit(kept.config.name, None, _Closing(), kept.api.close)
+            self._printers[printer_config.name] = replacement
         for gone in old.values():
             log.info("%s: removed from the config", gone.config.name)
+            self._workers.submit(gone.config.name, None, _Closing(), gone.api.close)
             self._workers.retire(gone.config.name)
-            gone.api.close()
         self._config = config
         self._check_plugins()
 
@@ -457,42 +541,21 @@ class Daemon:
 
     # --- what survives, what is shown ---------------------------------------------
 
-    def _load_memory(self) -> dict[str, object]:
-        try:
-            document = read_json(self._state_path)
-        except JsonFileError as error:
-            if self._state_path.exists():
-                log.warning("ignoring stored holds: %s", error)
-            return {}
-        printers = document.get("printers") if isinstance(document, dict) else None
-        if not isinstance(printers, dict):
-            log.warning('ignoring stored holds: %s has no "printers" object', self._state_path)
-            return {}
-        if document == {"version": 1, "printers": printers}:
-            # Exactly what _after_wake() writes: unless a core remembers something else,
-            # a start leaves the file alone (no fsync at every start of a Pi's SD card).
-            self._saved_memory = printers
-        return printers
-
     def _after_wake(self) -> None:
-        memory = {name: p.core.memory() for name, p in self._printers.items()}
-        if memory != self._saved_memory:
-            try:
-                write_json_atomic(self._state_path, {"version": 1, "printers": memory}, mode=0o600)
-                self._saved_memory = memory
-            except OSError as error:
-                log.error("cannot store holds in %s: %s", self._state_path, error)
-                self._saved_memory = memory  # logged once per change, not per wake-up
+        self._holds.save(
+            {name: p.core.memory() for name, p in self._printers.items()}, now=self._clock()
+        )
         if self._status_may_wait():
             return
         printers = self._printer_status()
-        if printers != self._written_status:
+        if printers != self._written_status or self._holds.unsaved != self._written_unsaved:
             document = {
                 "version": 1,
                 "pid": os.getpid(),
                 "started": self._started,
                 "updated": iso_utc(self._wall_clock()),
                 "dry_run": self._dry_run,
+                "holds_unsaved": self._holds.unsaved,
                 "printers": printers,
             }
             try:
@@ -505,6 +568,7 @@ class Daemon:
                 self._status_failed = True
             else:
                 self._written_status = printers
+                self._written_unsaved = self._holds.unsaved
                 if self._status_failed:
                     log.info("the status file %s is written again", self._status_path)
                 self._status_failed = False
@@ -602,6 +666,11 @@ class Daemon:
             printer.api.close()
         self._source.close()
         self._selector.close()
+
+
+@dataclass(frozen=True)
+class _Closing:
+    """Closing a replaced printer's OctoPrint client, queued behind its requests."""
 
 
 @dataclass(frozen=True)

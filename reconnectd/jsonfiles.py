@@ -19,13 +19,18 @@ class JsonFileError(Exception):
     """A JSON file that is missing, unreadable or not JSON; the message says which.
 
     ``missing`` is true when the file does not exist, which callers often treat
-    differently ("not running yet") from a broken file.
+    differently ("not running yet") from a broken file; ``unreadable`` when it exists
+    but cannot be read (permissions, I/O), which says nothing about its content.
     """
 
-    def __init__(self, path: Path, problem: str, *, missing: bool = False) -> None:
+    def __init__(
+        self, path: Path, problem: str, *, missing: bool = False, unreadable: bool = False
+    ) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
+        self.problem = problem
         self.missing = missing
+        self.unreadable = unreadable
 
 
 def write_json_atomic(path: Path, document: object, mode: int = 0o644) -> None:
@@ -85,9 +90,9 @@ def read_json(path: Path) -> object:
     except FileNotFoundError:
         raise JsonFileError(path, "no such file", missing=True) from None
     except IsADirectoryError:
-        raise JsonFileError(path, "is a directory, not a file") from None
+        raise JsonFileError(path, "is a directory, not a file", unreadable=True) from None
     except OSError as exc:
-        raise JsonFileError(path, f"cannot read: {exc.strerror or exc}") from None
+        raise JsonFileError(path, f"cannot read: {exc.strerror or exc}", unreadable=True) from None
     if not data.strip():
         # Plainer than json's "Expecting value: line 1 column 1" for the same thing.
         raise JsonFileError(path, "is empty, not JSON")
@@ -98,3 +103,9 @@ def read_json(path: Path) -> object:
     except json.JSONDecodeError as exc:
         problem = f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         raise JsonFileError(path, problem) from None
+    except RecursionError:
+        # json's decoder recurses per nesting level: a hostile file need not be large.
+        raise JsonFileError(path, "not JSON we can read: nested too deeply") from None
+    except ValueError as exc:
+        # Python 3.11+ refuses to turn over 4300 digits into an int (CVE-2020-10735).
+        raise JsonFileError(path, f"not JSON we can read: {exc}") from None

@@ -650,3 +650,193 @@ def test_status_file_is_written_again_once_its_directory_can_be(
         f"the status file {status_dir / 'status.json'} is written again",
     ]
     assert run.exit_code == [0]
+
+
+# --- holes found by trying to break it (issue "Safe at every edge") ----------------
+
+
+def test_a_hold_whose_write_failed_is_stored_once_the_disk_allows_and_survives_a_restart(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="reconnectd")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    state_dir = blocker / "state"
+    runtime["STATE_DIRECTORY"] = str(state_dir)  # a file in the way: every write fails
+    runtime["WATCHDOG_USEC"] = "200000"  # the loop wakes every 0.1 s with nothing to do
+    runtime["WATCHDOG_PID"] = str(os.getpid())
+    octoprint = FakeOctoPrint()
+
+    def first(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        octoprint.disconnect()  # the user clicks Disconnect
+        os.kill(os.getpid(), signal.SIGHUP)  # anything that makes it look
+        wait_until(lambda: "holding" in str(run.printer_status().get("state")), "the hold")
+        unsaved = run.status().get("holds_unsaved")
+        assert isinstance(unsaved, str) and f"cannot store holds in {state_dir}" in unsaved
+        time.sleep(0.3)  # several wake-ups with the fault still there: said once
+        blocker.unlink()  # the fault ends; nothing changes in the printer's state after it
+        wait_until(lambda: (state_dir / "state.json").exists(), "the state file")
+        wait_until(lambda: run.status().get("holds_unsaved") is None, "the status to say so")
+
+    run_daemon(tmp_path, runtime, first, octoprint=octoprint, reload_config=config)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "cannot store holds" in m]) == 1, messages
+    assert f"holds are stored in {state_dir / 'state.json'} again" in messages
+
+    def second(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        wait_until(lambda: "holding" in str(run.printer_status().get("state")), "the hold")
+
+    run_daemon(tmp_path, runtime, second, octoprint=octoprint, present=[device(0)])
+    assert octoprint.connects == [BY_ID], "the user's Disconnect was forgotten by the restart"
+
+
+def test_sighups_inside_the_settle_window_leave_one_connect_after_it(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    settle = 0.6
+    connected_at: list[float] = []
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        run.source.emit(DeviceAdded(device(0)))
+        added = time.monotonic()
+        for _ in range(3):  # `systemctl reload`, for any reason, even an unchanged config
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGHUP)
+            run.notify.wait_for(lambda m: m.startswith("READY=1"))
+            run.notify.messages.clear()
+        wait_until(lambda: run.octoprint.connects != [], "the connect")
+        connected_at.append(time.monotonic() - added)
+        time.sleep(2 * settle)  # the burst is long over: nothing more may come
+
+    run = run_daemon(
+        tmp_path,
+        runtime,
+        scenario,
+        first_config=config(settle=settle),
+        reload_config=lambda: config(settle=settle),
+    )
+    assert run.octoprint.connects == [BY_ID]
+    assert connected_at[0] >= settle, "connected before the settle window ended"
+
+
+def test_a_reload_that_changes_the_printer_inside_the_settle_window_waits_for_it(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    settle = 0.6
+    changed = config(settle=settle)
+    changed = Config(
+        source=changed.source,
+        octoprint=changed.octoprint,
+        printers=(PrinterConfig(**{**changed.printers[0].__dict__, "baudrate": 250000}),),
+    )
+    connected_at: list[float] = []
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        run.source.emit(DeviceAdded(device(0)))
+        added = time.monotonic()
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: run.octoprint.connects != [], "the connect")
+        connected_at.append(time.monotonic() - added)
+        time.sleep(2 * settle)
+
+    run = run_daemon(
+        tmp_path,
+        runtime,
+        scenario,
+        first_config=config(settle=settle),
+        reload_config=lambda: changed,
+    )
+    assert run.octoprint.connects == [BY_ID]
+    assert connected_at[0] >= settle, "the rebuilt printer connected before the burst settled"
+
+
+def moved(n: int) -> Device:
+    """The same printer (ids, serial) on another USB port: another sysfs path."""
+    return Device(
+        devpath=f"/devices/usb1/1-2/1-2:1.0/tty/ttyACM{n}",
+        node=f"/dev/ttyACM{n}",
+        links=(BY_ID,),
+        vendor_id="2c99",
+        product_id="0002",
+        serial="CZPX1",
+        instance=f"moved-{n}",
+    )
+
+
+def test_a_late_remove_of_the_old_node_hands_the_printer_to_the_new_one(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint()
+
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        # The cable moves to another port: OctoPrint loses the old node, the new node's
+        # add arrives, and the old node's remove only after it.
+        octoprint.set("Closed", "SerialException: device reports readiness to read but ...")
+        run.source.emit(DeviceAdded(moved(1)))
+        run.source.emit(DeviceRemoved(device(0).devpath))
+        wait_until(lambda: len(octoprint.connects) == 2, "the connect to the new node")
+        wait_until(lambda: run.printer_status().get("device") == "/dev/ttyACM1", "the new node")
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        time.sleep(0.3)  # several settle windows: no second connect for this move
+
+    run_daemon(tmp_path, runtime, scenario, octoprint=octoprint)
+    assert octoprint.connects == [BY_ID, BY_ID], "exactly one connect for the move"
+
+
+def test_a_remove_of_a_node_the_printer_does_not_own_changes_nothing(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint()
+
+    def scenario(run: Run) -> None:
+        run.source.emit(DeviceAdded(device(0)))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        run.source.emit(DeviceRemoved(moved(5).devpath))  # some other node, never ours
+        time.sleep(0.2)
+        assert run.printer_status().get("device") == "/dev/ttyACM0"
+        assert run.printer_status().get("state") == "operational"
+
+    run_daemon(tmp_path, runtime, scenario, octoprint=octoprint)
+    assert octoprint.connects == [BY_ID]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"version": 1, "printers": {"mk3s": ' + b"9" * 100_000 + b"}}", "not JSON"),
+        (b"\xff\xfe garbage", "not valid UTF-8"),
+        (b'{"version": 1, "printers": []}', '"printers" is a list'),
+        (b'{"version": 7, "printers": {}}', "version is 7"),
+    ],
+)
+def test_a_damaged_state_file_is_moved_aside_and_the_daemon_starts(
+    tmp_path: Path,
+    runtime: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+    problem: str,
+) -> None:
+    state = Path(runtime["STATE_DIRECTORY"]) / "state.json"
+    state.write_bytes(content)
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        wait_until(lambda: run.octoprint.connects == [BY_ID], "the start-up connect")
+
+    run = run_daemon(tmp_path, runtime, scenario, present=[device(0)])
+    assert run.exit_code == [0]
+    aside = list(state.parent.glob("state.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content, "kept for a person to look at"
+    warnings = [r.getMessage() for r in caplog.records if "ignoring stored holds" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert problem in warnings[0] and "starting with no holds" in warnings[0], warnings
+    assert json.loads(state.read_text())["version"] == 1, "a good file written in its place"
