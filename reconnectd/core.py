@@ -291,6 +291,14 @@ class PrinterCore:
         self.state = State.ABSENT
         return actions
 
+    def reconfigure(self, settings: CoreSettings) -> None:
+        """Given the printer's changed settings (a reload), decide by them from now on.
+
+        Everything known of the device and OctoPrint is kept: a new core would take a
+        return not yet acted on for a start, and an old fatal error as unproven.
+        """
+        self.settings = settings
+
     def reconcile(self, now: float, why: str) -> list[Action]:
         """Given a reason to look again (a reload), read OctoPrint soon if a device is here.
 

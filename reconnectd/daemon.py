@@ -215,7 +215,7 @@ class Daemon:
             return 0
         finally:
             self._notifier.stopping()
-            self._shutdown()
+            self.close()
             restore_signals()
             signal_reader.close()
 
@@ -260,6 +260,16 @@ class Daemon:
             self._reload()
         self._run_due(self._clock())
         self._after_wake()
+
+    @property
+    def holds_unsaved(self) -> str | None:
+        """Why the state file does not yet say what the cores remember, or None."""
+        return self._holds.unsaved
+
+    @property
+    def printer_cores(self) -> dict[str, PrinterCore]:
+        """Each printer's decision core, by name (for the status and the model)."""
+        return {name: printer.core for name, printer in self._printers.items()}
 
     def next_deadline(self) -> float | None:
         """The monotonic time of the next thing the loop must do, or None."""
@@ -479,6 +489,9 @@ class Daemon:
             if kept is not None and kept.config == printer_config:
                 self._printers[printer_config.name] = kept
                 continue
+            if kept is not None and self._still_the_same_printer(kept, printer_config):
+                self._reconfigure(kept, printer_config)
+                continue
             core = PrinterCore(settings_for(printer_config, self._dry_run))
             remembered = kept.core.memory() if kept is not None else memory.get(printer_config.name)
             if remembered is not None:
@@ -500,6 +513,26 @@ class Daemon:
             self._workers.retire(gone.config.name)
         self._config = config
         self._check_plugins()
+
+    def _still_the_same_printer(self, printer: _Printer, config: PrinterConfig) -> bool:
+        """Whether a changed config still describes the printer this core knows: the
+        same OctoPrint instance, and the device it owns (if any) still matches."""
+        if printer.config.octoprint.url != config.octoprint.url:
+            return False
+        device = self._present.get(printer.devpath) if printer.devpath else None
+        return device is None or bool(matching_printers([config], device))
+
+    def _reconfigure(self, printer: _Printer, config: PrinterConfig) -> None:
+        """Given a printer and its changed config, keep its core and what it knows of
+        the device and OctoPrint (a settle window running, a return not yet acted on,
+        a connection it saw); only the settings change."""
+        printer.core.reconfigure(settings_for(config, self._dry_run))
+        if printer.config.octoprint != config.octoprint:
+            # A new key or timeout: a new client, the old one closed behind its requests.
+            self._workers.submit(config.name, None, _Closing(), printer.api.close)
+            printer.api = self._api_factory(config.octoprint)
+        printer.config = config
+        self._printers[config.name] = printer
 
     def _check_plugins(self) -> None:
         """Ask each OctoPrint not asked before whether a reconnect plugin runs in it.
@@ -660,7 +693,8 @@ class Daemon:
                     printer.octoprint.url,
                 )
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Stop the workers, close every client and the device source."""
         self._workers.close()
         for printer in self._printers.values():
             printer.api.close()

@@ -840,3 +840,38 @@ def test_a_damaged_state_file_is_moved_aside_and_the_daemon_starts(
     assert len(warnings) == 1, warnings
     assert problem in warnings[0] and "starting with no holds" in warnings[0], warnings
     assert json.loads(state.read_text())["version"] == 1, "a good file written in its place"
+
+
+def test_a_reload_changing_the_printer_before_its_first_look_keeps_the_return_in_mind(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    # Found by the model of the rules: a rebuilt core took the return for a start, and
+    # the firmware error OctoPrint still showed from before the power cycle for a new one.
+    octoprint = FakeOctoPrint()
+    octoprint.set("Closed", "Thermal Runaway, system stopped! Printer halted. kill() called!")
+    settle = 0.4
+    changed = config(settle=settle)
+    changed = Config(
+        source=changed.source,
+        octoprint=changed.octoprint,
+        printers=(PrinterConfig(**{**changed.printers[0].__dict__, "baudrate": 250000}),),
+    )
+
+    def scenario(run: Run) -> None:
+        run.notify.wait_for(lambda m: m.startswith("READY=1"))
+        run.source.emit(DeviceAdded(device(1)))  # switched off and on to clear the error
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: octoprint.connects != [], "the connect")
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+
+    run = run_daemon(
+        tmp_path,
+        runtime,
+        scenario,
+        octoprint=octoprint,
+        first_config=config(settle=settle),
+        reload_config=lambda: changed,
+    )
+    assert octoprint.connects == [BY_ID]
+    assert run.printer_status()["holds"] == []
