@@ -357,7 +357,7 @@ class DaemonModel(RuleBasedStateMachine):
         self.daemon = Daemon(
             self.config(),
             source=self.source,
-            api_factory=lambda _: ModelOctoPrint(self),  # type: ignore[arg-type,return-value]
+            api_factory=lambda _: ModelOctoPrint(self),
             notifier=QuietNotifier(),
             reload_config=self.config,
             environ=env,
