@@ -79,6 +79,62 @@ def test_power_cycle_is_reconnected_once_to_the_by_id_link(bench: Bench) -> None
     assert bench.octoprint.api_key not in log
 
 
+def test_a_cable_moved_to_another_port_is_followed_with_one_connect(bench: Bench) -> None:
+    serial = new_serial()
+    with bench.daemon("moved", serial) as daemon:
+        plugged, _marlin = bench.plug(serial)
+        wait_operational(bench)
+        daemon.wait_for_printer("mk3s", lambda r: r["state"] == "operational", "operational")
+        # The new node's add reaches reconnectd before the old node's remove.
+        moved, marlin = bench.printers.move_cable(plugged, usb_port="1-2")
+        assert moved.devpath != plugged.devpath and moved.node != plugged.node
+        row = daemon.wait_for_printer(
+            "mk3s",
+            lambda r: r["device"] == moved.node and r["state"] == "operational",
+            "operational on the new node",
+        )
+        assert bench.state() == "Operational"
+        assert bench.port() == moved.by_id
+        assert marlin.opens >= 1
+        stays(bench, "Operational", 1.0)
+        assert daemon.printer("mk3s")["connects"] == row["connects"] == 2, "one for the move"
+    log = daemon.log()
+    assert f"{moved.node}, which came meanwhile, is the printer now" in log, log
+
+
+def test_a_port_octoprint_lists_late_is_connected_soon_after_without_wrong_advice(
+    bench: Bench,
+) -> None:
+    serial = new_serial()
+    blacklisted = bench.api("GET", "/api/settings").json()["serial"]["blacklistedPorts"]
+    # OctoPrint's list lags udev (a by-id link still being made, /dev bound into a
+    # container): here OctoPrint leaves the printer's paths out until told otherwise.
+    lagging = [*blacklisted, "/dev/ttyACM*", "/dev/serial/by-id/*"]
+    bench.api("POST", "/api/settings", json={"serial": {"blacklistedPorts": lagging}})
+    try:
+        with bench.daemon("late-list", serial) as daemon:
+            bench.plug(serial)
+            daemon.wait_for_printer(
+                "mk3s", lambda r: r["state"] == "waiting for the port to be listed", "waiting"
+            )
+            time.sleep(2.0)  # a real OctoPrint's list, lagging in real time
+            assert bench.state() == "Closed"
+            bench.api("POST", "/api/settings", json={"serial": {"blacklistedPorts": blacklisted}})
+            listed = time.monotonic()
+            wait_operational(bench)
+            took = time.monotonic() - listed
+            row = daemon.wait_for_printer(
+                "mk3s", lambda r: r["state"] == "operational", "operational"
+            )
+            assert row["connects"] == 1
+    finally:
+        bench.api("POST", "/api/settings", json={"serial": {"blacklistedPorts": blacklisted}})
+    assert took < 2.5, f"Operational {took:.1f} s after OctoPrint listed the port"
+    log = daemon.log()
+    assert "does not list /dev/serial/by-id/" in log
+    assert "does not offer" not in log and "additionalPorts" not in log, "wrong advice given"
+
+
 # --- behaviour 2: a burst of add/remove events leads to at most one connect -------
 
 

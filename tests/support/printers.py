@@ -42,6 +42,25 @@ class SimulatedPrinters:
         self._owners[plugged.devpath] = marlin
         return plugged, marlin
 
+    def move_cable(self, plugged: Plugged, *, usb_port: str) -> tuple[Plugged, FakeMarlin]:
+        """Given a plugged printer, move its cable to another USB port: its firmware
+        vanishes from the old node, the same printer (ids, serial) appears on a new
+        one, and only then does the old node's remove come (udev orders events only
+        for related paths, and these two are not)."""
+        assert plugged.serial is not None
+        marlin = self._owners.pop(plugged.devpath, None)
+        if marlin is not None:
+            marlin.vanish()
+        moved, new_marlin = self.switch_on(plugged.serial, usb_port=usb_port)
+        assert new_marlin is not None
+        if marlin is None:
+            self.testbed.unplug(plugged)
+        else:
+            marlin.stop()
+            self.testbed.unplug(plugged, close_master=False)
+        self._plugged.remove(plugged)
+        return moved, new_marlin
+
     def plug_other(self, kind: str, *, usb_port: str) -> Plugged:
         """Given a testbed kind (e.g. "gps"), plug a USB tty that is no printer."""
         plugged = self.testbed.plug(kind, usb_port=usb_port)
