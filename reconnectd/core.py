@@ -68,6 +68,8 @@ UNLISTED_GRACE = 10.0
 UNLISTED_LOOK = 1.0
 UNLISTED_FIRST_LOOK = 0.5
 UNLISTED_RETRY = 30.0  # then, with the advice given, 30 s doubling to RETRY_CAP
+# Devices remembered as seen running as a printer (zero config); the oldest go first.
+KNOWN_DEVICES_MAX = 16
 
 
 class HoldKind(enum.Enum):
@@ -95,6 +97,10 @@ class CoreSettings:
     baudrate: int | None = None
     profile: str | None = None
     dry_run: bool = False
+    # Zero config: any known board matches, and a Pi's Zigbee or GPS stick often has
+    # the same USB chip as the printer. Connect only a device OctoPrint itself points
+    # at (its saved port) or one seen running as a printer before.
+    only_known_devices: bool = False
 
 
 # --- actions ------------------------------------------------------------------
@@ -155,6 +161,7 @@ class State(enum.Enum):
     REJECTED = "key rejected"
     PORT_PENDING = "waiting for the port to be listed"
     NO_PORT = "port not offered"
+    UNKNOWN_DEVICE = "not known as a printer"
     DRY_RUN = "dry run"
 
 
@@ -178,6 +185,8 @@ class PrinterCore:
     # The last instance OctoPrint was read on. Not the last one seen: stored when the
     # device came back, a restart before the look would take the return as old news.
     last_instance: str | None = None
+    # Devices (device_identity) on which OctoPrint was seen running a printer.
+    known_devices: list[str] = field(default_factory=list)
 
     state: State = State.ABSENT
     decision: str = "none"
@@ -291,6 +300,19 @@ class PrinterCore:
         self.state = State.ABSENT
         return actions
 
+    def let_go(self, now: float) -> list[Action]:
+        """Forget the device without it having vanished (zero config moves on from a
+        device it will not connect to another candidate); holds stay as they are."""
+        del now
+        self._generation += 1
+        self.device = None
+        self._fresh = self._seen_connected = self._seen_opening = False
+        self._reset_attempts()
+        self._recovering = False
+        self._opening_since = self._unlisted_since = self._deadline = None
+        self.state = State.ABSENT
+        return []
+
     def reconfigure(self, settings: CoreSettings) -> None:
         """Given the printer's changed settings (a reload), decide by them from now on.
 
@@ -368,7 +390,7 @@ class PrinterCore:
 
     def memory(self) -> dict[str, object]:
         """Return what must survive a restart, as JSON-ready values."""
-        return {
+        memory: dict[str, object] = {
             "holds": [
                 {"kind": h.kind.name.lower(), "reason": h.reason, "instance": h.instance}
                 for h in self.holds
@@ -376,6 +398,9 @@ class PrinterCore:
             "connected_instance": self.connected_instance,
             "last_instance": self.last_instance,
         }
+        if self.known_devices:  # absent when empty: a file from before it stays as it is
+            memory["known_devices"] = list(self.known_devices)
+        return memory
 
     def restore(self, memory: object) -> list[str]:
         """Given what :meth:`memory` returned before a restart, take it back.
@@ -391,6 +416,11 @@ class PrinterCore:
                 setattr(self, key, value)
             else:
                 problems.append(f"{self.settings.name}: stored {key} is not a string; ignored")
+        known = memory.get("known_devices", [])
+        if isinstance(known, list) and all(isinstance(k, str) for k in known):
+            self.known_devices = list(known)[-KNOWN_DEVICES_MAX:]
+        else:
+            problems.append(f"{self.settings.name}: stored known_devices are not strings; ignored")
         holds = memory.get("holds", [])
         if not isinstance(holds, list):
             return [*problems, f"{self.settings.name}: stored holds are not a list; ignored"]
@@ -432,7 +462,7 @@ class PrinterCore:
         # likely OctoPrint not yet noticing the old port died (it was busy or hung)
         # than someone connecting the new one: look once more to be sure.
         unconfirmed = self._fresh and not was_attempt
-        self._note_connection()
+        self._note_connection(view)
         if self.holds:
             self.holds = []
             actions.append(self._log(logging.INFO, "holds released: connected by the user"))
@@ -553,6 +583,8 @@ class PrinterCore:
 
     def _connect(self, view: OctoPrintView, now: float, why: str) -> list[Action]:
         assert self.device is not None
+        if self.settings.only_known_devices and not self._vouched_for(view):
+            return self._unknown_device(view, now)
         port = choose_port(self.device, view.ports, self.settings.port)
         if port is None:
             return self._port_unlisted(view, now)
@@ -575,6 +607,27 @@ class PrinterCore:
                 now, "connect", f"{why}: connecting to {port}{at}", quiet=self._failing is not None
             ),
             self._ask(Connect(port=port, baudrate=baudrate, profile=profile)),
+        ]
+
+    def _unknown_device(self, view: OctoPrintView, now: float) -> list[Action]:
+        """Zero config, a known board that nothing says is the printer: leave it."""
+        assert self.device is not None
+        quiet = self.state == State.UNKNOWN_DEVICE
+        self.state = State.UNKNOWN_DEVICE
+        self._deadline = None
+        device = self.device
+        saved = view.port_preference or "none"
+        return [
+            self._decided(
+                now,
+                "leave",
+                f"{device.node} ({device.usb_id}) may be a printer, but it is not OctoPrint's "
+                f"saved port ({saved}) and was never seen running as one; not connecting it. "
+                "If it is your printer, paste the [[printer]] stanza that `reconnectd devices` "
+                "prints into the config, or connect it once in OctoPrint",
+                level=logging.WARNING,
+                quiet=quiet,
+            )
         ]
 
     def _port_unlisted(self, view: OctoPrintView, now: float) -> list[Action]:
@@ -700,8 +753,9 @@ class PrinterCore:
         self._attempt.looks += 1
         return min(CONFIRM_FIRST * 2.0 ** (self._attempt.looks - 1), CONFIRM_CAP)
 
-    def _note_connection(self) -> None:
-        """Remember an established connection (Operational or busy) on this instance.
+    def _note_connection(self, view: OctoPrintView) -> None:
+        """Remember an established connection (Operational or busy) on this instance,
+        and, when it runs on this device's port, the device as a printer's.
 
         Only an established one counts: a closure from "Connecting" is a failed
         attempt, never the user's Disconnect.
@@ -710,6 +764,18 @@ class PrinterCore:
         self._seen_connected = True
         self._fresh = False
         self.connected_instance = self.device.instance
+        if view.port is not None and view.port in self.device.paths:
+            identity = device_identity(self.device)
+            if identity not in self.known_devices:
+                self.known_devices = [*self.known_devices, identity][-KNOWN_DEVICES_MAX:]
+
+    def _vouched_for(self, view: OctoPrintView) -> bool:
+        """Whether OctoPrint points at this device (its saved port) or the device was
+        seen running as a printer before."""
+        assert self.device is not None
+        if view.port_preference is not None and view.port_preference in self.device.paths:
+            return True
+        return device_identity(self.device) in self.known_devices
 
     def _outage_started(self, result: Unreachable | Refused, now: float) -> list[Action]:
         if isinstance(result, Refused):
@@ -804,6 +870,14 @@ def choose_port(device: Device, offered: tuple[str, ...], configured: str | None
         if path in offered:
             return path
     return None
+
+
+def device_identity(device: Device) -> str:
+    """Given a device, return what tells it apart from other boards across replugs:
+    its USB ids and serial number, or, without one, the USB port it is plugged into."""
+    if device.serial:
+        return f"{device.usb_id}:{device.serial}"
+    return f"{device.usb_id}@{device.usb_path or device.devpath}"
 
 
 def _same_instance(a: Device, b: Device) -> bool:

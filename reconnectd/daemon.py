@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -130,6 +130,8 @@ class _Printer:
     # The settle window of the core this one replaced (a reload changed the config),
     # for the device it takes over: a reload must not cut a burst short (rule 2).
     settle_until: float | None = None
+    # Zero config: present devices its core would not connect (not known as a printer).
+    passed_over: set[str] = field(default_factory=set)
 
 
 def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
@@ -142,6 +144,7 @@ def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
         baudrate=config.baudrate,
         profile=config.profile,
         dry_run=dry_run,
+        only_known_devices=config.known_boards,
     )
 
 
@@ -178,6 +181,7 @@ class Daemon:
         self._holds = HoldStore(state_file(env), write=write_state, wall_clock=wall_clock)
         self._printers: dict[str, _Printer] = {}
         self._present: dict[str, Device] = {}
+        self._enumerated: set[str] = set()  # present devices found at start, not seen arrive
         self._workers: Workers = RequestWorkers() if workers is None else workers
         # select(), not epoll: its timeout is in microseconds, where epoll's is rounded
         # up to the millisecond, twice over by Python, so every deadline (a settle
@@ -336,6 +340,8 @@ class Daemon:
             else:
                 actions = printer.core.command_done(result, now)
             self._execute(printer, actions)
+            if printer.core.state == State.UNKNOWN_DEVICE:
+                self._try_another_device(printer, now)
 
     def _on_device_event(self, event: DeviceEvent, now: float) -> None:
         if isinstance(event, DeviceRemoved):
@@ -343,6 +349,9 @@ class Daemon:
             # us after the new node's add when the cable moved to another USB port
             # (udev orders events only for related paths).
             self._present.pop(event.devpath, None)
+            self._enumerated.discard(event.devpath)
+            for candidate in self._printers.values():
+                candidate.passed_over.discard(event.devpath)
             gone = self._owner_of(event.devpath)
             if gone is not None:
                 gone.devpath = None
@@ -360,7 +369,11 @@ class Daemon:
             return
         device = event.device
         self._present[device.devpath] = device
-        printer = self._owner_of(device.devpath) or self._route(device)
+        if event.enumerated:
+            self._enumerated.add(device.devpath)
+        else:
+            self._enumerated.discard(device.devpath)
+        printer = self._owner_of(device.devpath) or self._route(device, now)
         if printer is None:
             return
         printer.devpath = device.devpath
@@ -371,6 +384,27 @@ class Daemon:
                 device, now, enumerated=event.enumerated, settle_until=settle_until
             ),
         )
+
+    def _try_another_device(self, printer: _Printer, now: float) -> None:
+        """Zero config: the core will not connect its device (nothing says it is the
+        printer); give it the next present device that matches and was not passed over."""
+        assert printer.devpath is not None
+        printer.passed_over.add(printer.devpath)
+        configs = [p.config for p in self._printers.values()]
+        owned = {p.devpath for p in self._printers.values()}
+        for device in self._present.values():
+            if device.devpath in owned or device.devpath in printer.passed_over:
+                continue
+            claims = matching_printers(configs, device)
+            if claims and claims[0].name == printer.config.name:
+                self._switch_device(printer, device, now)
+                return
+
+    def _switch_device(self, printer: _Printer, device: Device, now: float) -> None:
+        self._execute(printer, printer.core.let_go(now))
+        printer.devpath = device.devpath
+        enumerated = device.devpath in self._enumerated
+        self._execute(printer, printer.core.device_added(device, now, enumerated=enumerated))
 
     def _waiting_device(self, printer: _Printer) -> Device | None:
         """Given a printer that just lost its device, return the newest present device
@@ -418,7 +452,7 @@ class Daemon:
                 return printer
         return None
 
-    def _route(self, device: Device) -> _Printer | None:
+    def _route(self, device: Device, now: float) -> _Printer | None:
         configs = [p.config for p in self._printers.values()]
         claims = matching_printers(configs, device)
         if not claims:
@@ -442,6 +476,11 @@ class Daemon:
                 claims[0].name,
             )
         printer = self._printers[claims[0].name]
+        if printer.core.state == State.UNKNOWN_DEVICE and printer.devpath is not None:
+            # Zero config: the device it has is not known as a printer; try this one.
+            printer.passed_over.add(printer.devpath)
+            self._execute(printer, printer.core.let_go(now))
+            return printer
         if printer.devpath is not None and printer.devpath in self._present:
             # Also the first sign of a cable moved to another port: the old node's
             # remove may still be on its way, and then this device takes over.

@@ -17,7 +17,8 @@ Version 1 of the document::
 
     {"version": 1, "printers": {"mk3s": {
         "holds": [{"kind": "manual", "reason": "disconnected in OctoPrint", "instance": "17"}],
-        "connected_instance": "17", "last_instance": "17"}}}
+        "connected_instance": "17", "last_instance": "17",
+        "known_devices": ["2c99:0002:CZPX1017"]}}}
 """
 
 from __future__ import annotations
@@ -180,13 +181,18 @@ def parse_state(document: object) -> tuple[dict[str, object], list[str]]:
 def _memory_problem(memory: object) -> str | None:
     if not isinstance(memory, dict):
         return f"{_kind(memory)}, not an object"
-    unknown = sorted(set(memory) - {"holds", "connected_instance", "last_instance"})
+    unknown = sorted(
+        set(memory) - {"holds", "connected_instance", "last_instance", "known_devices"}
+    )
     if unknown:
         return f"unknown keys {', '.join(_short(k) for k in unknown)}"
     for key in ("connected_instance", "last_instance"):
         value = memory.get(key)
         if value is not None and not isinstance(value, str):
             return f"{key} is {_kind(value)}, not a string"
+    known = memory.get("known_devices", [])
+    if not isinstance(known, list) or not all(isinstance(k, str) for k in known):
+        return "known_devices is not a list of strings"
     holds = memory.get("holds", [])
     if not isinstance(holds, list):
         return f"holds is {_kind(holds)}, not a list"

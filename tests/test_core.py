@@ -1096,3 +1096,55 @@ def test_a_restart_during_the_settle_window_still_sees_the_return() -> None:
     assert restarted.advance(0) == [FIRST_LOOK]
     assert restarted.answer(view(error=UNNAMED_ERROR)) == [Connect(BY_ID, 115200, None)]
     assert restarted.core.holds == []
+
+
+# --- zero config: only a device known to be the printer -----------------------
+
+
+def test_zero_config_leaves_a_board_nothing_vouches_for_once_and_quietly_after() -> None:
+    b = bench(only_known_devices=True)
+    b.add()
+    b.advance(1)
+    assert b.answer(view(port_preference="AUTO")) == []
+    assert b.state() == State.UNKNOWN_DEVICE
+    assert b.core.deadline is None, "no request while nothing happens"
+    warnings = b.messages(logging.WARNING)
+    assert len(warnings) == 1 and "`reconnectd devices`" in warnings[0]
+    b.core.reconcile(b.now, "reload")
+    b.advance(0)
+    b.answer(view(port_preference="AUTO"))
+    assert len(b.messages(logging.WARNING)) == 1
+    assert b.connects() == []
+
+
+@pytest.mark.parametrize("preference", [NODE, BY_ID])
+def test_zero_config_connects_the_board_octoprint_saved_as_its_port(preference: str) -> None:
+    b = bench(only_known_devices=True)
+    b.add()
+    b.advance(1)
+    assert b.answer(view(port_preference=preference)) == [Connect(BY_ID, 115200, None)]
+
+
+def test_zero_config_remembers_a_board_seen_running_as_a_printer_across_a_restart() -> None:
+    b = bench(only_known_devices=True)
+    b.add()
+    b.advance(1)
+    b.answer(view(port_preference=NODE))
+    b.done()
+    b.advance(1)
+    b.answer(OPERATIONAL)
+    memory = b.core.memory()
+    assert memory["known_devices"] == ["2c99:0002:CZPX"]
+    again = bench(only_known_devices=True)
+    assert again.core.restore(memory) == []
+    again.add(REPLUGGED, enumerated=True)
+    again.advance(0)
+    assert again.answer(view(port_preference=None)) == [Connect(BY_ID, 115200, None)]
+
+
+def test_a_connection_on_another_port_does_not_vouch_for_the_device() -> None:
+    b = bench(only_known_devices=True)
+    b.add()
+    b.advance(1)
+    b.answer(view("Operational", port="/dev/ttyUSB7"))
+    assert "known_devices" not in b.core.memory()

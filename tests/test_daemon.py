@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig
+from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig, zero_config
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.octoprint_state import (
@@ -95,6 +95,8 @@ class FakeOctoPrint:
     error: str | None = None
     connects: list[str] = field(default_factory=list)
     disconnects: int = 0
+    preference: str | None = None  # OctoPrint's saved port (options.portPreference)
+    port: str | None = None  # the connection's port (current.port), while there is one
     reads: list[bool] = field(default_factory=list)  # each read's ``job``
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Cleared: every read waits until it is set, as against a hung OctoPrint.
@@ -110,9 +112,11 @@ class FakeOctoPrint:
         with self.lock:
             return OctoPrintView(
                 state=self.state,
+                port=None if self.state == "Closed" else self.port,
                 error=self.error if job else None,
                 ports=self.ports,
                 baudrate_preference=115200,
+                port_preference=self.preference,
             )
 
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
@@ -121,7 +125,7 @@ class FakeOctoPrint:
                 return Refused(400, "port is invalid")
             self.connects.append(port)
             if self.state == "Closed":
-                self.state, self.error = "Operational", None
+                self.state, self.error, self.port = "Operational", None, port
             return Accepted()
 
     def disconnect(self) -> CommandResult:
@@ -875,3 +879,113 @@ def test_a_reload_changing_the_printer_before_its_first_look_keeps_the_return_in
     )
     assert octoprint.connects == [BY_ID]
     assert run.printer_status()["holds"] == []
+
+
+def ch340(usb_port: str, n: int) -> Device:
+    """A CH340 board (no serial number): an Ender's, or a Zigbee stick's."""
+    return Device(
+        devpath=f"/devices/usb1/{usb_port}/{usb_port}:1.0/ttyUSB{n}/tty/ttyUSB{n}",
+        node=f"/dev/ttyUSB{n}",
+        links=(f"/dev/serial/by-path/pci-0000:00:14.0-usb-0:{usb_port[2:]}:1.0-port0",),
+        vendor_id="1a86",
+        product_id="7523",
+        usb_path=f"pci-0000:00:14.0-usb-0:{usb_port[2:]}:1.0",
+        instance=f"ch340-{n}",
+    )
+
+
+def zero(settle: float = 0.05) -> Config:
+    octoprint = OctoPrintConfig(url="http://127.0.0.1:9", api_key="SECRETKEY123")
+    (printer,) = zero_config(octoprint)
+    return Config(
+        source=None,
+        octoprint=octoprint,
+        printers=(PrinterConfig(**{**printer.__dict__, "settle": settle}),),
+    )
+
+
+STICK, ENDER = ch340("1-3", 0), ch340("1-1", 1)
+BOTH_PORTS = (STICK.node, ENDER.node)
+
+
+def test_zero_config_connects_the_board_octoprint_points_at_not_the_stick(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint(ports=BOTH_PORTS, preference=ENDER.node)
+
+    def scenario(run: Run) -> None:
+        wait_until(lambda: octoprint.connects != [], "the connect")
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+        time.sleep(0.2)
+
+    run = run_daemon(
+        tmp_path,
+        runtime,
+        scenario,
+        octoprint=octoprint,
+        present=[STICK, ENDER],
+        first_config=zero(),
+    )
+    assert octoprint.connects == [ENDER.node], "the Zigbee stick must be left alone"
+    assert run.printer_status()["device"] == ENDER.node
+
+
+def test_zero_config_leaves_an_unknown_board_alone_and_says_which_stanza_to_paste(
+    tmp_path: Path, runtime: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    octoprint = FakeOctoPrint(ports=BOTH_PORTS, preference="AUTO")
+
+    def scenario(run: Run) -> None:
+        # The printer is still off: the stick is the only candidate.
+        wait_until(lambda: run.printer_status().get("state") == "not known as a printer", "left")
+        reason = str(run.printer_status()["reason"])
+        assert "reconnectd devices" in reason and STICK.node in reason
+        # The printer is switched on, and OctoPrint points at it.
+        octoprint.preference = ENDER.node
+        run.source.emit(DeviceAdded(ENDER))
+        wait_until(lambda: octoprint.connects != [], "the connect")
+        wait_until(lambda: run.printer_status().get("device") == ENDER.node, "the printer")
+
+    run_daemon(
+        tmp_path, runtime, scenario, octoprint=octoprint, present=[STICK], first_config=zero()
+    )
+    assert octoprint.connects == [ENDER.node]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if "not known" in r.getMessage() or "may be a printer" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "paste the [[printer]] stanza" in warnings[0], warnings
+
+
+def test_zero_config_remembers_a_board_it_saw_running_as_a_printer(
+    tmp_path: Path, runtime: dict[str, str]
+) -> None:
+    octoprint = FakeOctoPrint(ports=BOTH_PORTS, preference=ENDER.node)
+
+    def first(run: Run) -> None:
+        run.source.emit(DeviceAdded(ENDER))
+        wait_until(lambda: run.printer_status().get("state") == "operational", "Operational")
+
+    run_daemon(tmp_path, runtime, first, octoprint=octoprint, first_config=zero())
+    stored = json.loads((Path(runtime["STATE_DIRECTORY"]) / "state.json").read_text())
+    assert stored["printers"]["printer"]["known_devices"] == [
+        "1a86:7523@pci-0000:00:14.0-usb-0:1:1.0"
+    ]
+    # The saved port changes (the user connected something else once); the board is
+    # switched off and on while reconnectd is stopped.
+    octoprint.preference, octoprint.state = "AUTO", "Closed"
+    replugged = Device(**{**ENDER.__dict__, "instance": "ch340-again"})
+
+    def second(run: Run) -> None:
+        wait_until(lambda: len(octoprint.connects) == 2, "the connect after the restart")
+
+    run_daemon(
+        tmp_path,
+        runtime,
+        second,
+        octoprint=octoprint,
+        present=[STICK, replugged],
+        first_config=zero(),
+    )
+    assert octoprint.connects == [ENDER.node, ENDER.node]
