@@ -32,6 +32,7 @@ from reconnectd.udev import UdevWatcher, list_serial_devices
 
 # Exit codes (sysexits.h), promised in the contract.
 EXIT_OK = 0
+EXIT_STATUS_INVALID = 1  # `status`: the status file cannot be read or is invalid
 EXIT_NOT_RUNNING = 3  # `status` with no daemon running, as `systemctl status` says it
 EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
@@ -225,7 +226,7 @@ def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:
         document = load_status(status_path(environ))
     except StatusUnavailable as error:
         print(f"reconnectd status: {error}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return EXIT_NOT_RUNNING if error.not_running else EXIT_STATUS_INVALID
     if as_json:
         json.dump(document, out, indent=2)
         out.write("\n")
