@@ -34,8 +34,6 @@ from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# A real file holds a few hundred bytes per printer; anything this large is not ours.
-MAX_BYTES = 1 << 20
 HOLD_KINDS = ("manual", "fatal")
 # A failed write is tried again on every wake-up; with nothing else waking the loop,
 # this soon.
@@ -67,14 +65,6 @@ class HoldStore:
         A missing file is a first start. A damaged one is moved aside and said once;
         the printers whose entries could be read are returned.
         """
-        try:
-            if self.path.stat().st_size > MAX_BYTES:
-                return self._set_aside(f"larger than {MAX_BYTES} bytes", {})
-        except FileNotFoundError:
-            return {}
-        except OSError as error:
-            log.warning("ignoring stored holds: cannot read %s: %s", self.path, error)
-            return {}
         try:
             document = read_json(self.path)
         except JsonFileError as error:

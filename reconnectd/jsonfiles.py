@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -79,6 +80,23 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# Far more than any file of ours holds (a few hundred bytes per printer); a file this
+# large is not ours, and reading it whole would cost the memory a Pi does not have.
+MAX_BYTES = 4 << 20
+
+
+def _read_regular_file(path: Path) -> bytes | None:
+    """Given a path, return the content of the regular file there, at most MAX_BYTES
+    and one more; None for anything else (a FIFO would block, /dev/zero never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return file.read(MAX_BYTES + 1)
+
+
 def read_json(path: Path) -> object:
     """Given a path, return the JSON document it holds.
 
@@ -86,13 +104,17 @@ def read_json(path: Path) -> object:
     (invalid UTF-8 included); its message names the file and the problem.
     """
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path)
     except FileNotFoundError:
         raise JsonFileError(path, "no such file", missing=True) from None
     except IsADirectoryError:
         raise JsonFileError(path, "is a directory, not a file", unreadable=True) from None
     except OSError as exc:
         raise JsonFileError(path, f"cannot read: {exc.strerror or exc}", unreadable=True) from None
+    if data is None:
+        raise JsonFileError(path, "is not a regular file", unreadable=True)
+    if len(data) > MAX_BYTES:
+        raise JsonFileError(path, f"is larger than {MAX_BYTES} bytes")
     if not data.strip():
         # Plainer than json's "Expecting value: line 1 column 1" for the same thing.
         raise JsonFileError(path, "is empty, not JSON")

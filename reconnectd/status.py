@@ -232,6 +232,11 @@ def render_table(document: Mapping[str, object]) -> str:
     if document.get("dry_run") is True:
         header += " (dry run: no connect or disconnect is sent)"
 
+    unsaved = _text(document.get("holds_unsaved"))
+    if unsaved:
+        # Nothing the user decided may be lost silently: a restart now would forget it.
+        header += f"\nholds not yet on disk: {unsaved}"
+
     printers = document.get("printers")
     entries = [p for p in printers if isinstance(p, Mapping)] if isinstance(printers, list) else []
     if not entries:

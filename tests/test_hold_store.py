@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconnectd.hold_store import HoldStore, parse_state
-from reconnectd.jsonfiles import write_json_atomic
+from reconnectd.jsonfiles import MAX_BYTES, write_json_atomic
 
 GOOD: dict[str, object] = {
     "version": 1,
@@ -73,9 +73,10 @@ def test_the_readable_printers_of_a_partly_damaged_file_are_kept(
 
 
 def test_a_huge_file_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "state.json").write_bytes(b" " * (2 << 20) + b"{}")
+    (tmp_path / "state.json").write_bytes(b" " * (MAX_BYTES + 1) + b"{}")
     assert store(tmp_path).load() == {}
-    assert "larger than 1048576 bytes" in caplog.records[0].getMessage()
+    assert f"larger than {MAX_BYTES} bytes" in caplog.records[0].getMessage()
+    assert list(tmp_path.glob("state.json.corrupt-*")), "set aside like any damage"
 
 
 def test_a_failed_write_is_kept_said_once_and_tried_again_until_it_lands(

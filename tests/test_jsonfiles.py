@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
+from reconnectd.jsonfiles import MAX_BYTES, JsonFileError, read_json, write_json_atomic
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -212,3 +212,21 @@ def test_read_unreadable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(JsonFileError, match=r"cannot read: Not a directory$"):
         read_json(tmp_path / "file" / "x.json")
+
+
+def test_a_fifo_or_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "status.json"
+    os.mkfifo(fifo)
+    with pytest.raises(JsonFileError, match="is not a regular file"):
+        read_json(fifo)  # a plain read would wait for a writer forever
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(JsonFileError, match="is not a regular file"):
+        read_json(link)
+
+
+def test_a_huge_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * (MAX_BYTES + 10) + b"{}")
+    with pytest.raises(JsonFileError, match="larger than"):
+        read_json(path)

@@ -653,3 +653,16 @@ def test_the_real_command_prints_no_traceback(tmp_path: Path, content: str | byt
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("reconnectd status: ")
     assert str(path) in done.stderr
+
+
+def test_holds_not_yet_on_disk_are_said_under_the_header() -> None:
+    document = _document(1234, [MK3S])
+    document["holds_unsaved"] = (
+        "cannot store holds in /var/lib/reconnectd/state.json: No space left on device"
+    )
+    lines = render_table(document).splitlines()
+    assert lines[1] == (
+        "holds not yet on disk: cannot store holds in /var/lib/reconnectd/state.json: "
+        "No space left on device"
+    )
+    assert "holds not yet on disk" not in render_table(_document(1234, [MK3S]))
