@@ -324,13 +324,15 @@ class PrinterCore:
     def reconcile(self, now: float, why: str) -> list[Action]:
         """Given a reason to look again (a reload), read OctoPrint soon if a device is here.
 
-        A settle window still running is never cut short: the look comes when the
-        burst has settled, and one burst still gives one connect (rule 2).
+        A look already scheduled is never brought forward: a settle window still
+        running keeps one burst to one connect (rule 2), and a retry's backoff keeps
+        a silent printer from costing OctoPrint a thread per reload (rule 7). Only a
+        rejected key is looked at again at once: the reload may have brought a new one.
         """
         if self.device is None or self._in_flight:
             return []
-        if self.state == State.SETTLING:
-            return [self._log(logging.DEBUG, f"{why}; looking once the device has settled")]
+        if self._deadline is not None and self.state != State.REJECTED:
+            return [self._log(logging.DEBUG, f"{why}; the look already planned stands")]
         self._deadline = now
         return [self._log(logging.DEBUG, f"looking again: {why}")]
 

@@ -826,6 +826,33 @@ def test_rejected_key_is_an_error_logged_once_and_looked_at_again_later() -> Non
     assert len(errors) == 1 and "HTTP 403" in errors[0]
 
 
+def test_a_reload_looks_at_once_after_a_rejected_key() -> None:
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(Refused(403, "API key rejected or lacking permission"))
+    b.core.reconcile(b.now + 2, "config reloaded")  # the user put in a new key
+    assert b.advance(2) == [FIRST_LOOK]
+
+
+def test_a_reload_never_brings_a_retry_forward() -> None:
+    # Found by the model of the rules: each reload connected at once, so a script
+    # reloading now and then defeated the backoff a silent printer needs (#5420).
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.done()
+    b.advance(1)
+    b.answer(CLOSED)  # the connect did not reach Operational
+    assert b.state() == State.RETRY_WAIT
+    for _ in range(3):
+        b.core.reconcile(b.now, "config reloaded")
+        assert b.advance(1) == []
+    assert b.advance(2) == [ReadOctoPrint()], "the retry comes when its backoff ends"
+    assert len(b.connects()) == 1
+
+
 def test_connect_that_timed_out_is_checked_before_connecting_again() -> None:
     b = bench()
     b.add()
