@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from reconnectd.devices import Device
-from reconnectd.octoprint_state import (
+from reconnectd.host import (
     Accepted,
     CommandResult,
     ErrorKind,
-    OctoPrintView,
+    HostView,
     Phase,
     ReadResult,
     Refused,
@@ -366,7 +366,7 @@ class PrinterCore:
         if isinstance(result, Accepted):
             self._deadline = now + CONFIRM_FIRST
             return []
-        if isinstance(result, Refused) and result.status != 403:
+        if isinstance(result, Refused) and not result.key_rejected:
             # 400: the port left OctoPrint's list since we read it (or never was valid).
             self._attempt = None
             return self._attempt_failed(f"OctoPrint refused: {result.reason}", now)
@@ -438,7 +438,7 @@ class PrinterCore:
 
     # --- the decision -------------------------------------------------------
 
-    def _decide(self, view: OctoPrintView, now: float) -> list[Action]:
+    def _decide(self, view: HostView, now: float) -> list[Action]:
         phase = view.phase
         if phase in (Phase.OPERATIONAL, Phase.BUSY):
             return self._connected(view, now)
@@ -455,7 +455,7 @@ class PrinterCore:
             return self._look_again(now, "OctoPrint is closing after an error", CONFIRM_FIRST)
         return self._closed(view, now)
 
-    def _connected(self, view: OctoPrintView, now: float) -> list[Action]:
+    def _connected(self, view: HostView, now: float) -> list[Action]:
         actions: list[Action] = []
         self._opening_since = None
         self._recovering = False
@@ -537,7 +537,7 @@ class PrinterCore:
             and not self.holds
         )
 
-    def _closed(self, view: OctoPrintView, now: float) -> list[Action]:
+    def _closed(self, view: HostView, now: float) -> list[Action]:
         self._opening_since = None
         assert self.device is not None
         if self._recovering:
@@ -583,7 +583,7 @@ class PrinterCore:
             why = "device present and OctoPrint closed"
         return self._connect(view, now, why)
 
-    def _connect(self, view: OctoPrintView, now: float, why: str) -> list[Action]:
+    def _connect(self, view: HostView, now: float, why: str) -> list[Action]:
         assert self.device is not None
         if self.settings.only_known_devices and not self._vouched_for(view):
             return self._unknown_device(view, now)
@@ -611,7 +611,7 @@ class PrinterCore:
             self._ask(Connect(port=port, baudrate=baudrate, profile=profile)),
         ]
 
-    def _unknown_device(self, view: OctoPrintView, now: float) -> list[Action]:
+    def _unknown_device(self, view: HostView, now: float) -> list[Action]:
         """Zero config, a known board that nothing says is the printer: leave it."""
         assert self.device is not None
         quiet = self.state == State.UNKNOWN_DEVICE
@@ -632,7 +632,7 @@ class PrinterCore:
             )
         ]
 
-    def _port_unlisted(self, view: OctoPrintView, now: float) -> list[Action]:
+    def _port_unlisted(self, view: HostView, now: float) -> list[Action]:
         """The device is here but OctoPrint does not list it (yet): look again.
 
         Within UNLISTED_GRACE the list is most likely lagging udev: look every
@@ -755,7 +755,7 @@ class PrinterCore:
         self._attempt.looks += 1
         return min(CONFIRM_FIRST * 2.0 ** (self._attempt.looks - 1), CONFIRM_CAP)
 
-    def _note_connection(self, view: OctoPrintView) -> None:
+    def _note_connection(self, view: HostView) -> None:
         """Remember an established connection (Operational or busy) on this instance,
         and, when it runs on this device's port, the device as a printer's.
 
@@ -771,7 +771,7 @@ class PrinterCore:
             if identity not in self.known_devices:
                 self.known_devices = [*self.known_devices, identity][-KNOWN_DEVICES_MAX:]
 
-    def _vouched_for(self, view: OctoPrintView) -> bool:
+    def _vouched_for(self, view: HostView) -> bool:
         """Whether OctoPrint points at this device (its saved port) or the device was
         seen running as a printer before."""
         assert self.device is not None

@@ -46,9 +46,9 @@ from reconnectd.core import (
 )
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.hold_store import HoldStore, Writer
+from reconnectd.host import CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.jsonfiles import write_json_atomic
 from reconnectd.matching import matching_printers
-from reconnectd.octoprint_state import CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import iso_utc, state_dir, status_path, summary_line
 from reconnectd.workers import Completed, Job, RequestWorkers

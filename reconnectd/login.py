@@ -49,8 +49,8 @@ from urllib.parse import urljoin
 import requests
 
 from reconnectd.config import DEFAULT_URL, is_octoprint_url
+from reconnectd.http_transport import USER_AGENT, connection_failure
 from reconnectd.jsonfiles import fsync_directory
-from reconnectd.octoprint_api import USER_AGENT, connection_failure
 
 APP_NAME = "reconnectd"
 # The user the service runs as: it must be able to read the key file.

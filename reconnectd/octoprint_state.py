@@ -8,7 +8,7 @@ OctoPrint's traps, and why the code below looks the way it does:
 * ``GET /api/connection`` says ``"Closed"`` for a manual Disconnect, a vanished
   device and a firmware fatal error alike. The difference is only visible in
   ``GET /api/job``: ``"Offline"`` with no error, or ``"Offline after error"`` with
-  the error text. Both are read together into one :class:`OctoPrintView`.
+  the error text. Both are read together into one :class:`~reconnectd.host.HostView`.
 * A connect is silently ignored while any connection object exists, so the only
   safe moment to connect is ``Phase.CLOSED``.
 
@@ -27,21 +27,9 @@ What differs between versions (each seen against a real one, 1.9.3 to 2.0.0rc7):
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Union
+from typing import Any
 
-
-class Phase(enum.Enum):
-    """OctoPrint's connection state, reduced to what the decision core needs."""
-
-    CLOSED = "closed"  # no connection object: the only state in which a connect is obeyed
-    OPENING = "opening"  # "Opening serial connection": can hang forever on an unopenable node
-    CONNECTING = "connecting"  # detecting, connecting: OctoPrint is still trying
-    OPERATIONAL = "operational"  # connected and idle
-    BUSY = "busy"  # printing, paused, and everything between: never touch
-    ERROR = "error"  # the brief "Error"/"Offline after error" states before OctoPrint closes
-
+from reconnectd.host import ErrorKind, HostView, Phase
 
 _PHASE_BY_STATE: dict[str, Phase] = {
     "closed": Phase.CLOSED,
@@ -108,14 +96,6 @@ def error_of(job_state: str | None, error: str | None) -> str | None:
     return None
 
 
-class ErrorKind(enum.Enum):
-    """Why OctoPrint closed, read from the error text of ``/api/job``."""
-
-    NONE = "none"  # no error: a manual Disconnect, or a connect attempt that found no printer
-    TRANSPORT = "transport"  # the line went away or went silent: safe to try again
-    FATAL = "fatal"  # the firmware stopped itself (thermal runaway, kill()): a person must look
-
-
 # Firmware safety stops. Checked first: a fatal message may also mention the port.
 _FATAL_MARKERS = (
     "kill() called",
@@ -166,57 +146,22 @@ def classify_error(error: str | None) -> ErrorKind:
     return ErrorKind.FATAL
 
 
-@dataclass(frozen=True)
-class OctoPrintView:
-    """One reading of ``/api/connection`` and ``/api/job`` taken together."""
+def octoprint_view(
+    state: str, *, error: str | None = None, version: str | None = None, **fields: Any
+) -> HostView:
+    """Given one reading of ``/api/connection`` and ``/api/job`` (and OctoPrint's version
+    when a state text needs it), return it in the core's words.
 
-    state: str
-    port: str | None = None
-    error: str | None = None
-    ports: tuple[str, ...] = ()
-    baudrates: tuple[int, ...] = ()
-    port_preference: str | None = None
-    baudrate_preference: int | None = None
-    profile_preference: str | None = None
-    version: str | None = None  # OctoPrint's, read only when a state text needs it
-
-    @property
-    def phase(self) -> Phase:
-        return phase_of(self.state, self.version)
-
-    @property
-    def error_kind(self) -> ErrorKind:
-        return classify_error(self.error)
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """OctoPrint took a command (204). It runs in the background and says nothing more."""
-
-
-@dataclass(frozen=True)
-class Unreachable:
-    """OctoPrint did not answer usefully: refused, timed out, 5xx, or not JSON.
-
-    Transient by nature: OctoPrint is starting, restarting or overloaded.
+    ``fields`` are :class:`~reconnectd.host.HostView`'s others (port, ports, the
+    preferences).
     """
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refused:
-    """OctoPrint answered and said no: 403 (key rejected or lacking permission),
-    400 (port or baudrate not in its lists), 409, 415. Retrying the same request
-    does not help until something changes.
-    """
-
-    status: int
-    reason: str
-
-
-ReadResult = Union[OctoPrintView, Unreachable, Refused]
-CommandResult = Union[Accepted, Unreachable, Refused]
+    return HostView(
+        state=state,
+        phase=phase_of(state, version),
+        error=error,
+        error_kind=classify_error(error),
+        **fields,
+    )
 
 
 # OctoPrint plugins that reconnect the printer on their own, by plugin identifier (the

@@ -20,8 +20,8 @@ from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
 from reconnectd.core import choose_port
 from reconnectd.daemon import OctoPrint
 from reconnectd.devices import Device
+from reconnectd.host import HostView, Refused, Unreachable
 from reconnectd.matching import matching_printers
-from reconnectd.octoprint_state import OctoPrintView, Refused, Unreachable
 
 PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
 
@@ -55,7 +55,7 @@ def check_online(
     """Given a config, a client factory and what devices each printer has now, print
     a line per finding to ``out`` and return the exit code of the worst."""
     findings: list[Finding] = []
-    views: dict[OctoPrintConfig, OctoPrintView] = {}
+    views: dict[OctoPrintConfig, HostView] = {}
     targets = [config.octoprint] if config.zero_config else [p.octoprint for p in config.printers]
     for octoprint in dict.fromkeys(targets):
         api = api_for(octoprint)
@@ -77,7 +77,7 @@ def check_online(
     return worst(findings)
 
 
-def check_octoprint(api: OctoPrint) -> tuple[Finding, OctoPrintView | None]:
+def check_octoprint(api: OctoPrint) -> tuple[Finding, HostView | None]:
     """Given a client, return what the key may do, and OctoPrint's view if it may."""
     read = api.read()
     if isinstance(read, Unreachable):
@@ -87,7 +87,7 @@ def check_octoprint(api: OctoPrint) -> tuple[Finding, OctoPrintView | None]:
             NO_PERMISSION, f"the API key may not read the connection: {read.reason}"
         ), None
     probe = api.connect(PERMISSION_PROBE_PORT, None, None)
-    if isinstance(probe, Refused) and probe.status == 403:
+    if isinstance(probe, Refused) and probe.key_rejected:
         return Finding(NO_PERMISSION, "the API key may read but not change the connection"), None
     if isinstance(probe, Unreachable):
         return Finding(UNREACHABLE, f"unreachable: {probe.reason}"), None

@@ -30,15 +30,8 @@ from reconnectd.core import (
     retry_delay,
 )
 from reconnectd.devices import Device
-from reconnectd.octoprint_state import (
-    UNNAMED_ERROR,
-    Accepted,
-    CommandResult,
-    OctoPrintView,
-    ReadResult,
-    Refused,
-    Unreachable,
-)
+from reconnectd.host import Accepted, CommandResult, HostView, ReadResult, Refused, Unreachable
+from reconnectd.octoprint_state import UNNAMED_ERROR, octoprint_view
 
 BY_ID = "/dev/serial/by-id/usb-Prusa_Research__prusa3d.com__Original_Prusa_i3_MK3_CZPX-if00"
 NODE = "/dev/ttyACM0"
@@ -65,10 +58,10 @@ VANISHED = (
 )
 
 
-def view(state: str = "Closed", error: str | None = None, **kw: object) -> OctoPrintView:
+def view(state: str = "Closed", error: str | None = None, **kw: object) -> HostView:
     fields: dict[str, object] = {"ports": PORTS, "baudrate_preference": 115200}
     fields.update(kw)
-    return OctoPrintView(state=state, error=error, **fields)  # type: ignore[arg-type]
+    return octoprint_view(state=state, error=error, **fields)  # type: ignore[arg-type]
 
 
 # The first look after the device came back skips /api/job: no error can change it.
@@ -117,7 +110,7 @@ class Bench:
         """Answer the read in flight; without the job, the error is not read (as the
         client does it)."""
         asked = [a for a in self.requests if isinstance(a, ReadOctoPrint)]
-        if asked and not asked[-1].job and isinstance(result, OctoPrintView):
+        if asked and not asked[-1].job and isinstance(result, HostView):
             result = replace(result, error=None)
         return self._take(self.core.octoprint_read(result, self.now))
 
@@ -639,7 +632,7 @@ def test_transport_error_on_a_connection_we_saw_is_reconnected() -> None:
 STUCK_RECOVERED_WITHIN = 30.0
 
 
-def keep_answering(b: Bench, answer: OctoPrintView) -> list[Action]:
+def keep_answering(b: Bench, answer: HostView) -> list[Action]:
     """Answer every read with `answer` until the core does something else.
 
     Bounded by a fixed promise, not by the code's own constant, so a core that
@@ -817,11 +810,11 @@ def test_rejected_key_is_an_error_logged_once_and_looked_at_again_later() -> Non
     b = bench()
     b.add()
     b.advance(1)
-    assert b.answer(Refused(403, "API key rejected or lacking permission")) == []
+    assert b.answer(Refused(403, "API key rejected or lacking permission", key_rejected=True)) == []
     assert b.state() == State.REJECTED
     assert b.advance(59) == []
     assert b.advance(1) == [FIRST_LOOK]
-    b.answer(Refused(403, "API key rejected or lacking permission"))
+    b.answer(Refused(403, "API key rejected or lacking permission", key_rejected=True))
     errors = b.messages(logging.ERROR)
     assert len(errors) == 1 and "HTTP 403" in errors[0]
 
@@ -830,7 +823,7 @@ def test_a_reload_looks_at_once_after_a_rejected_key() -> None:
     b = bench()
     b.add()
     b.advance(1)
-    b.answer(Refused(403, "API key rejected or lacking permission"))
+    b.answer(Refused(403, "API key rejected or lacking permission", key_rejected=True))
     b.core.reconcile(b.now + 2, "config reloaded")  # the user put in a new key
     assert b.advance(2) == [FIRST_LOOK]
 
@@ -1053,7 +1046,7 @@ ANSWERS: tuple[ReadResult, ...] = (
     view("Opening serial connection", port=BY_ID),
     view(ports=("/dev/ttyS0",)),
     Unreachable("connection refused"),
-    Refused(403, "API key rejected or lacking permission"),
+    Refused(403, "API key rejected or lacking permission", key_rejected=True),
 )
 COMMAND_RESULTS: tuple[CommandResult, ...] = (
     Accepted(),
@@ -1062,7 +1055,7 @@ COMMAND_RESULTS: tuple[CommandResult, ...] = (
 )
 
 
-def _same_decision_whatever_the_error(core: PrinterCore, now: float, answer: OctoPrintView) -> None:
+def _same_decision_whatever_the_error(core: PrinterCore, now: float, answer: HostView) -> None:
     """Given a core that asked without the job, check that every error OctoPrint could
     have shown leads to the decision the errorless answer leads to."""
     decisions = set()
@@ -1099,7 +1092,7 @@ def test_a_look_without_the_job_is_never_one_an_error_could_change(seed: int) ->
             continue
         if isinstance(pending, ReadOctoPrint):
             answer = rng.choice(ANSWERS)
-            if not pending.job and isinstance(answer, OctoPrintView):
+            if not pending.job and isinstance(answer, HostView):
                 looks_without_job += 1
                 _same_decision_whatever_the_error(b.core, b.now, answer)
             actions = b.answer(answer)

@@ -25,13 +25,8 @@ import pytest
 from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig, zero_config
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
-from reconnectd.octoprint_state import (
-    Accepted,
-    CommandResult,
-    OctoPrintView,
-    ReadResult,
-    Refused,
-)
+from reconnectd.host import Accepted, CommandResult, ReadResult, Refused
+from reconnectd.octoprint_state import octoprint_view
 from reconnectd.systemd import Notifier
 from tests.support.notify_socket import NotifySocket
 
@@ -110,7 +105,7 @@ class FakeOctoPrint:
             self.reads.append(job)
         self.answering.wait()
         with self.lock:
-            return OctoPrintView(
+            return octoprint_view(
                 state=self.state,
                 port=None if self.state == "Closed" else self.port,
                 error=self.error if job else None,

@@ -18,8 +18,8 @@ from io import BufferedReader
 
 import pytest
 
+from reconnectd.host import Accepted, HostView, Unreachable
 from reconnectd.octoprint_api import OctoPrintApi
-from reconnectd.octoprint_state import Accepted, OctoPrintView, Unreachable
 from tests.support.scripted_octoprint import CONNECTION, JOB_OFFLINE, KEY
 
 BODIES = {"/api/connection": CONNECTION, "/api/job": JOB_OFFLINE}
@@ -144,7 +144,7 @@ def api(server: RawServer) -> Iterator[OctoPrintApi]:
 @pytest.mark.parametrize("server", ["keeps"], indirect=True)
 def test_one_connection_serves_every_request(server: RawServer, api: OctoPrintApi) -> None:
     for _ in range(3):
-        assert isinstance(api.read(), OctoPrintView)
+        assert isinstance(api.read(), HostView)
     assert isinstance(api.connect("/dev/ttyACM0", None, None), Accepted)
     assert server.connections == 1
     assert len(server.requests) == 7
@@ -156,7 +156,7 @@ def test_a_dropped_connection_is_asked_again_then_a_connection_per_request(
     server: RawServer, api: OctoPrintApi
 ) -> None:
     first = api.read()
-    assert isinstance(first, OctoPrintView), first
+    assert isinstance(first, HostView), first
     # /api/connection on the first connection; /api/job was reset on it and sent
     # again on a new one, from then on with Connection: close.
     assert [(r.path, r.on_connection, r.connection_header) for r in server.requests] == [
@@ -165,7 +165,7 @@ def test_a_dropped_connection_is_asked_again_then_a_connection_per_request(
     ]
     assert server.resets == 1
     for _ in range(3):
-        assert isinstance(api.read(), OctoPrintView)
+        assert isinstance(api.read(), HostView)
     assert server.resets == 1, "no connection is reused after the first drop"
     assert {r.connection_header for r in server.requests[1:]} == {"close"}
     assert server.connections == 1 + 1 + 3 * 2
@@ -175,7 +175,7 @@ def test_a_dropped_connection_is_asked_again_then_a_connection_per_request(
 def test_a_command_on_a_dropped_connection_arrives_once(
     server: RawServer, api: OctoPrintApi
 ) -> None:
-    assert isinstance(api.read(job=False), OctoPrintView)
+    assert isinstance(api.read(job=False), HostView)
     assert isinstance(api.connect("/dev/ttyACM0", None, None), Accepted)
     posts = [r for r in server.requests if r.method == "POST"]
     assert len(posts) == 1, "the reset request was never read; the one sent again was"
@@ -197,6 +197,6 @@ def test_a_server_that_resets_everything_is_tried_once_more_not_forever(
 @pytest.mark.parametrize("server", ["keeps"], indirect=True)
 def test_read_without_the_job_asks_one_path(server: RawServer, api: OctoPrintApi) -> None:
     view = api.read(job=False)
-    assert isinstance(view, OctoPrintView)
+    assert isinstance(view, HostView)
     assert view.error is None
     assert [r.path for r in server.requests] == ["/api/connection"]

@@ -58,15 +58,9 @@ from reconnectd.core import RETRY_FIRST, ReadOctoPrint, State
 from reconnectd.core import Connect as ConnectAction
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
+from reconnectd.host import Accepted, CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.jsonfiles import write_json_atomic
-from reconnectd.octoprint_state import (
-    Accepted,
-    CommandResult,
-    OctoPrintView,
-    ReadResult,
-    Refused,
-    Unreachable,
-)
+from reconnectd.octoprint_state import octoprint_view
 from reconnectd.workers import Completed, Job
 
 NAME = "mk3s"
@@ -167,7 +161,7 @@ class ModelOctoPrint:
         self.model.read_snapshot = world.snapshot()
         if not world.up:
             return Unreachable("connection refused")
-        return OctoPrintView(
+        return octoprint_view(
             state=world.state,
             error=world.error if job else None,
             ports=world.ports(),

@@ -24,18 +24,10 @@ import pytest
 import requests
 import urllib3
 
-from reconnectd.octoprint_api import OctoPrintApi, connection_failure
-from reconnectd.octoprint_state import (
-    Accepted,
-    ErrorKind,
-    OctoPrintView,
-    Phase,
-    ReadResult,
-    Refused,
-    Unreachable,
-    classify_error,
-    phase_of,
-)
+from reconnectd.host import Accepted, ErrorKind, HostView, Phase, ReadResult, Refused, Unreachable
+from reconnectd.http_transport import connection_failure
+from reconnectd.octoprint_api import OctoPrintApi
+from reconnectd.octoprint_state import classify_error, octoprint_view, phase_of
 from tests.support.fake_marlin import KILL_TEXT, FakeMarlin, open_pty_port
 from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
 from tests.support.scripted_octoprint import (
@@ -57,7 +49,7 @@ def assert_no_key(*things: object) -> None:
 def test_read_builds_the_view(server: ScriptedServer, api: OctoPrintApi) -> None:
     job = {"job": {}, "state": "Offline after error", "error": "SerialException: gone"}
     serve_state(server, job=job)
-    assert api.read() == OctoPrintView(
+    assert api.read() == octoprint_view(
         state="Closed",
         port=None,
         error="SerialException: gone",
@@ -82,7 +74,7 @@ def test_read_without_preferences_and_error(server: ScriptedServer, api: OctoPri
     del options["printerProfilePreference"]
     serve_state(server, connection, {"state": "Operational", "error": ""})
     view = api.read()
-    assert isinstance(view, OctoPrintView)
+    assert isinstance(view, HostView)
     assert (view.state, view.port, view.error) == ("Operational", "/dev/ttyACM0", None)
     assert (view.port_preference, view.baudrate_preference, view.profile_preference) == (
         None,
@@ -172,16 +164,16 @@ def test_forbidden_is_refused(server: ScriptedServer, api: OctoPrintApi) -> None
     forbidden = Answer(403, {"error": "You don't have the permission to access the requested"})
     server.answer("GET", "/api/connection", forbidden)
     server.answer("POST", "/api/connection", forbidden)
-    assert api.read() == Refused(403, "API key rejected or lacking permission")
+    assert api.read() == Refused(403, "API key rejected or lacking permission", key_rejected=True)
     assert api.connect("/dev/ttyACM0", None, None) == Refused(
-        403, "API key rejected or lacking permission"
+        403, "API key rejected or lacking permission", key_rejected=True
     )
 
 
 def test_forbidden_job_is_refused(server: ScriptedServer, api: OctoPrintApi) -> None:
     serve_state(server)
     server.answer("GET", "/api/job", Answer(403, {"error": "no"}))
-    assert api.read() == Refused(403, "API key rejected or lacking permission")
+    assert api.read() == Refused(403, "API key rejected or lacking permission", key_rejected=True)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +202,9 @@ def test_refusals_carry_octoprints_message(
 def test_csrf_refusal_means_the_key(server: ScriptedServer, api: OctoPrintApi) -> None:
     # OctoPrint's answer to a POST whose key it did not accept.
     server.answer("POST", "/api/connection", Answer(400, {"error": "CSRF validation failed"}))
-    assert api.disconnect() == Refused(403, "API key rejected or lacking permission")
+    assert api.disconnect() == Refused(
+        403, "API key rejected or lacking permission", key_rejected=True
+    )
 
 
 def test_no_cookies_kept(server: ScriptedServer, api: OctoPrintApi) -> None:
@@ -219,9 +213,9 @@ def test_no_cookies_kept(server: ScriptedServer, api: OctoPrintApi) -> None:
     serve_state(server)
     server.answer("GET", "/api/connection", Answer(200, CONNECTION, headers=cookie))
     server.answer("POST", "/api/connection", Answer(204))
-    assert isinstance(api.read(), OctoPrintView)
+    assert isinstance(api.read(), HostView)
     assert api.disconnect() == Accepted()
-    assert isinstance(api.read(), OctoPrintView)
+    assert isinstance(api.read(), HostView)
     assert len(server.script.seen) == 5
     assert all("Cookie" not in s.headers for s in server.script.seen)
 
@@ -340,7 +334,7 @@ def test_disconnect_body(server: ScriptedServer, api: OctoPrintApi) -> None:
 def test_no_key_no_header(server: ScriptedServer) -> None:
     serve_state(server)
     api = OctoPrintApi(server.url, None, 1)
-    assert isinstance(api.read(), OctoPrintView)
+    assert isinstance(api.read(), HostView)
     assert all("X-Api-Key" not in s.headers for s in server.script.seen)
     api.close()
 
@@ -443,15 +437,15 @@ def dead_port(rig: Rig) -> Iterator[Path]:
     rig.octoprint.reset()
 
 
-def read_view(api: OctoPrintApi) -> OctoPrintView:
+def read_view(api: OctoPrintApi) -> HostView:
     result: ReadResult = api.read()
-    assert isinstance(result, OctoPrintView), result
+    assert isinstance(result, HostView), result
     return result
 
 
 def watch(
-    rig: Rig, until: Callable[[OctoPrintView], bool], timeout: float
-) -> tuple[OctoPrintView, list[str]]:
+    rig: Rig, until: Callable[[HostView], bool], timeout: float
+) -> tuple[HostView, list[str]]:
     """Read until ``until`` holds; return the last view and every state seen on the way."""
     deadline = time.monotonic() + timeout
     states: list[str] = []
@@ -469,7 +463,7 @@ def watch(
         time.sleep(POLL)
 
 
-def stays(rig: Rig, phase: Phase, seconds: float) -> OctoPrintView:
+def stays(rig: Rig, phase: Phase, seconds: float) -> HostView:
     """Read for ``seconds`` and fail if the phase ever differs; return the last view."""
     deadline = time.monotonic() + seconds
     while True:
@@ -480,18 +474,18 @@ def stays(rig: Rig, phase: Phase, seconds: float) -> OctoPrintView:
         time.sleep(POLL)
 
 
-def is_closed(view: OctoPrintView) -> bool:
+def is_closed(view: HostView) -> bool:
     # The state itself, not the phase: for ~15 ms while closing after an error,
     # /api/connection says "Offline after error" (port still set, connection object
     # still there, a connect still ignored) before "Closed".
     return view.state == "Closed"
 
 
-def is_operational(view: OctoPrintView) -> bool:
+def is_operational(view: HostView) -> bool:
     return view.phase == Phase.OPERATIONAL
 
 
-def connect_operational(rig: Rig, marlin: FakeMarlin) -> OctoPrintView:
+def connect_operational(rig: Rig, marlin: FakeMarlin) -> HostView:
     assert rig.api.connect(str(rig.fake_port), 115200, None) == Accepted()
     view, states = watch(rig, is_operational, 10)
     assert {phase_of(s) for s in states} <= {Phase.CLOSED, Phase.OPENING, Phase.CONNECTING} | {
@@ -500,7 +494,7 @@ def connect_operational(rig: Rig, marlin: FakeMarlin) -> OctoPrintView:
     return view
 
 
-def assert_closed_with(view: OctoPrintView, error: str | None, kind: ErrorKind) -> None:
+def assert_closed_with(view: HostView, error: str | None, kind: ErrorKind) -> None:
     assert view.state == "Closed"
     assert view.port is None
     assert view.error == error
@@ -687,7 +681,7 @@ def test_real_refusals(rig: Rig, marlin: FakeMarlin) -> None:
     assert rig.api.connect(str(rig.fake_port), 115200, "nope") == Refused(
         400, "printerProfile is invalid"
     )
-    forbidden = Refused(403, "API key rejected or lacking permission")
+    forbidden = Refused(403, "API key rejected or lacking permission", key_rejected=True)
     # A POST without an accepted key is answered 400 "CSRF validation failed" (OctoPrint
     # takes it for a browser's); the client reports what it means.
     for key in ("not-the-key", None):

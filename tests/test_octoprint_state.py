@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 
+from reconnectd.host import ErrorKind, Phase
 from reconnectd.octoprint_state import (
     UNNAMED_ERROR,
-    ErrorKind,
-    OctoPrintView,
-    Phase,
     classify_error,
     error_of,
     is_2_or_later,
+    octoprint_view,
     phase_of,
     reconnect_plugins,
 )
@@ -68,7 +67,7 @@ def test_phase_of_depends_on_the_version_only_for_connecting(
     state: str, version: str | None, phase: Phase
 ) -> None:
     assert phase_of(state, version) == phase
-    assert OctoPrintView(state=state, version=version).phase == phase
+    assert octoprint_view(state=state, version=version).phase == phase
 
 
 @pytest.mark.parametrize(
@@ -175,5 +174,5 @@ def test_classify_error(error: str | None, kind: ErrorKind) -> None:
 
 
 def test_view_exposes_phase_and_error_kind() -> None:
-    v = OctoPrintView(state="Closed", error="Printer halted. kill() called!")
+    v = octoprint_view(state="Closed", error="Printer halted. kill() called!")
     assert (v.phase, v.error_kind) == (Phase.CLOSED, ErrorKind.FATAL)

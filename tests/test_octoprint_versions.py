@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from reconnectd.host import HostView
 from reconnectd.octoprint_api import OctoPrintApi
-from reconnectd.octoprint_state import OctoPrintView
 from tests import test_end_to_end as e2e
 from tests.support.bench import Bench, open_bench, tidy
 from tests.support.octoprint_instance import other_octoprint_bins
@@ -74,7 +74,7 @@ def test_the_client_reads_whether_or_not_connections_are_kept(
     api = OctoPrintApi(bench.octoprint.url, bench.octoprint.api_key, 5.0)
     try:
         for _ in range(10):
-            assert isinstance(api.read(), OctoPrintView)
+            assert isinstance(api.read(), HostView)
             # A pause as between reconnectd's looks: 1.9.3 drops the connection in it.
             time.sleep(0.1)
     finally:

@@ -10,14 +10,8 @@ import pytest
 from reconnectd import online_check
 from reconnectd.config import Config, OctoPrintConfig, PrinterConfig, parse_config
 from reconnectd.devices import Device
-from reconnectd.octoprint_state import (
-    Accepted,
-    CommandResult,
-    OctoPrintView,
-    ReadResult,
-    Refused,
-    Unreachable,
-)
+from reconnectd.host import Accepted, CommandResult, ReadResult, Refused, Unreachable
+from reconnectd.octoprint_state import octoprint_view
 
 BY_ID = "/dev/serial/by-id/usb-Prusa_Research_Original_Prusa_i3_MK3_CZPX1-if00"
 MK3 = Device(
@@ -58,7 +52,7 @@ def config(text: str) -> Config:
 
 ONE_PRINTER = config('[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n')
 REFUSED_PROBE = Refused(400, "port is invalid")
-OFFERED = OctoPrintView("Closed", ports=(BY_ID,))
+OFFERED = octoprint_view("Closed", ports=(BY_ID,))
 
 
 def run(cfg: Config, octoprint: ScriptedOctoPrint, devices: list[Device]) -> tuple[int, list[str]]:
@@ -76,7 +70,7 @@ def run(cfg: Config, octoprint: ScriptedOctoPrint, devices: list[Device]) -> tup
 
 
 def test_a_present_printer_offered_by_its_link_is_ok() -> None:
-    api = ScriptedOctoPrint(OctoPrintView("Closed", ports=("/dev/ttyACM0", BY_ID)), REFUSED_PROBE)
+    api = ScriptedOctoPrint(octoprint_view("Closed", ports=("/dev/ttyACM0", BY_ID)), REFUSED_PROBE)
     code, lines = run(ONE_PRINTER, api, [MK3])
     assert code == 0
     assert lines == [
@@ -87,7 +81,7 @@ def test_a_present_printer_offered_by_its_link_is_ok() -> None:
 
 
 def test_a_present_printer_octoprint_does_not_offer_is_reported_with_the_fix() -> None:
-    api = ScriptedOctoPrint(OctoPrintView("Closed", ports=("/dev/ttyS0",)), REFUSED_PROBE)
+    api = ScriptedOctoPrint(octoprint_view("Closed", ports=("/dev/ttyS0",)), REFUSED_PROBE)
     code, lines = run(ONE_PRINTER, api, [MK3])
     assert code == online_check.PORT_NOT_OFFERED == 1
     assert lines[1] == (
@@ -99,14 +93,14 @@ def test_a_present_printer_octoprint_does_not_offer_is_reported_with_the_fix() -
 
 def test_a_configured_port_is_the_one_to_add() -> None:
     cfg = config('[[printer]]\nname = "lxc"\nport = "/dev/ttyACM0"\n')
-    api = ScriptedOctoPrint(OctoPrintView("Closed", ports=()), REFUSED_PROBE)
+    api = ScriptedOctoPrint(octoprint_view("Closed", ports=()), REFUSED_PROBE)
     code, lines = run(cfg, api, [MK3])
     assert code == 1
     assert "add /dev/ttyACM0 to the additional ports" in lines[1]
 
 
 def test_no_device_present_is_not_a_problem() -> None:
-    api = ScriptedOctoPrint(OctoPrintView("Closed", ports=()), REFUSED_PROBE)
+    api = ScriptedOctoPrint(octoprint_view("Closed", ports=()), REFUSED_PROBE)
     code, lines = run(ONE_PRINTER, api, [])
     assert code == 0
     assert lines[1] == "mk3s: no device present now; nothing to match"
@@ -117,7 +111,7 @@ def test_a_device_claimed_by_an_earlier_printer_is_not_checked_for_a_later_one()
         '[[printer]]\nname = "first"\nvendor_id = "2c99"\n\n'
         '[[printer]]\nname = "second"\nvendor_id = "2c99"\nproduct_id = "0002"\n'
     )
-    api = ScriptedOctoPrint(OctoPrintView("Closed", ports=(BY_ID,)), REFUSED_PROBE)
+    api = ScriptedOctoPrint(octoprint_view("Closed", ports=(BY_ID,)), REFUSED_PROBE)
     _, lines = run(cfg, api, [MK3])
     assert lines[1:] == [
         f"first: /dev/ttyACM0 is offered as {BY_ID}",
@@ -129,8 +123,13 @@ def test_a_device_claimed_by_an_earlier_printer_is_not_checked_for_a_later_one()
     ("read", "probe", "code", "says"),
     [
         (Unreachable("connection refused"), REFUSED_PROBE, 69, "unreachable: connection refused"),
-        (Refused(403, "Forbidden"), REFUSED_PROBE, 77, "may not read the connection: Forbidden"),
-        (OFFERED, Refused(403, "Forbidden"), 77, "may read but not change"),
+        (
+            Refused(403, "Forbidden", key_rejected=True),
+            REFUSED_PROBE,
+            77,
+            "may not read the connection: Forbidden",
+        ),
+        (OFFERED, Refused(403, "Forbidden", key_rejected=True), 77, "may read but not change"),
         (OFFERED, Unreachable("timed out"), 69, "unreachable: timed out"),
         (OFFERED, Accepted(), 0, "OK: state Closed"),
     ],

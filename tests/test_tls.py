@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from reconnectd.cli import EXIT_OK, EXIT_UNAVAILABLE, main
+from reconnectd.host import Accepted, HostView, Unreachable
 from reconnectd.octoprint_api import OctoPrintApi
-from reconnectd.octoprint_state import Accepted, OctoPrintView, Unreachable
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_octoprint import FakeOctoPrint, ports_under, printer_under
 from tests.support.printers import SimulatedPrinters
@@ -87,7 +87,7 @@ def test_with_ca_file_the_same_server_works(
         connect = api.connect(PORT, 115200, None)
     finally:
         api.close()
-    assert isinstance(read, OctoPrintView), read
+    assert isinstance(read, HostView), read
     assert (read.state, read.ports) == ("Closed", (PORT,))
     assert connect == Accepted()
     assert [post.port for post in fake.connects] == [PORT]
@@ -139,7 +139,7 @@ def test_requests_ca_bundle_does_not_replace_ca_file(
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_pki.ca))
     api = OctoPrintApi(server.url, KEY, 5.0, ca_file=pki.ca)
     try:
-        assert isinstance(api.read(), OctoPrintView)
+        assert isinstance(api.read(), HostView)
     finally:
         api.close()
 
