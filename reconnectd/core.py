@@ -68,6 +68,11 @@ UNLISTED_GRACE = 10.0
 UNLISTED_LOOK = 1.0
 UNLISTED_FIRST_LOOK = 0.5
 UNLISTED_RETRY = 30.0  # then, with the advice given, 30 s doubling to RETRY_CAP
+# Klipper's second MCU not there yet: looked for again 5 s doubling to this.
+WAIT_CAP = 60.0
+# Klippy drops its link to Moonraker while it restarts (503 for about 1.2 s): after our
+# own restart, an unreachable host is looked at again quietly for this long.
+RESTART_QUIET = 10.0
 # Devices remembered as seen running as a printer (zero config); the oldest go first.
 KNOWN_DEVICES_MAX = 16
 
@@ -101,29 +106,38 @@ class CoreSettings:
     # the same USB chip as the printer. Connect only a device OctoPrint itself points
     # at (its saved port) or one seen running as a printer before.
     only_known_devices: bool = False
+    # The printer host, as the journal names it: "OctoPrint", or "Klippy" (Klipper's
+    # host, reached through Moonraker), whose "connect" is a FIRMWARE_RESTART.
+    host: str = "OctoPrint"
+    # After the device came back, a host that still reports the printer connected may
+    # not have noticed the old line died yet: OctoPrint notices in 0.1 s, Klippy in
+    # 4.5 to 5.5 s. It is looked at again, every CONFIRM_CAP, until this long after
+    # the return.
+    recheck_after_return: float = 5.0
 
 
 # --- actions ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ReadOctoPrint:
-    """Read /api/connection, and /api/job when ``job``; answer with
-    :meth:`PrinterCore.octoprint_read`.
+class ReadHost:
+    """Read the printer host; answer with :meth:`PrinterCore.host_read`.
 
-    ``job`` False when no error OctoPrint could report would change the decision (the
+    ``detail`` False when nothing but the host's state could change the decision (the
     first look after the device came back): one request fewer on the way to the
-    connect. The view's ``error`` is then None.
+    connect (OctoPrint's ``/api/job``, whose error text is then None in the view).
     """
 
-    job: bool = True
+    detail: bool = True
 
 
 @dataclass(frozen=True)
 class Connect:
-    """POST connect; answer with :meth:`PrinterCore.command_done`."""
+    """Bring the printer back: OctoPrint's connect to ``port``, or Klipper's
+    FIRMWARE_RESTART (``port`` None: Klipper's config names it). Answer with
+    :meth:`PrinterCore.command_done`."""
 
-    port: str
+    port: str | None
     baudrate: int | None
     profile: str | None
 
@@ -141,7 +155,7 @@ class Log:
     message: str
 
 
-Action = Union[ReadOctoPrint, Connect, Disconnect, Log]
+Action = Union[ReadHost, Connect, Disconnect, Log]
 
 
 class State(enum.Enum):
@@ -157,11 +171,12 @@ class State(enum.Enum):
     RETRY_WAIT = "waiting to retry"
     GAVE_UP = "gave up"
     RECOVERING = "recovering"
-    UNREACHABLE = "octoprint unreachable"
+    UNREACHABLE = "unreachable"  # the status says whose: "octoprint unreachable"
     REJECTED = "key rejected"
     PORT_PENDING = "waiting for the port to be listed"
     NO_PORT = "port not offered"
     UNKNOWN_DEVICE = "not known as a printer"
+    WAITING = "waiting for another board"
     DRY_RUN = "dry run"
 
 
@@ -211,6 +226,8 @@ class PrinterCore:
     _failing: str | None = None  # the cause of the current run of failed connects, once logged
     _unlisted_since: float | None = None  # first look that found the device's port unlisted
     _unlisted_looks: int = 0  # looks since the grace ended, for the backoff
+    _returned_at: float | None = None  # when the device we have came back (observed)
+    _waits: int = 0  # looks that found another board missing (waiting_for), for the backoff
 
     # --- inputs -------------------------------------------------------------
 
@@ -268,6 +285,7 @@ class PrinterCore:
             self._deadline = now if settle_until is None else max(now, settle_until)
         else:
             self._fresh = True
+            self._returned_at = now
             self._seen_connected = False
             self._seen_opening = False
             if self.holds:
@@ -279,6 +297,7 @@ class PrinterCore:
         self._reset_attempts()
         self._held_logged = False
         self._unlisted_since = None
+        self._waits = 0
         return actions
 
     def device_removed(self, now: float) -> list[Action]:
@@ -296,6 +315,7 @@ class PrinterCore:
         self._recovering = False
         self._opening_since = None
         self._unlisted_since = None
+        self._returned_at = None
         self._deadline = None
         self.state = State.ABSENT
         return actions
@@ -345,10 +365,10 @@ class PrinterCore:
             return []
         if self.state == State.SETTLING:
             self.state = State.CHECKING
-        return [self._ask(ReadOctoPrint(job=self._error_matters()))]
+        return [self._ask(ReadHost(detail=self._error_matters()))]
 
-    def octoprint_read(self, result: ReadResult, now: float) -> list[Action]:
-        """Given what OctoPrint answered to a read, decide."""
+    def host_read(self, result: ReadResult, now: float) -> list[Action]:
+        """Given what the host answered to a read, decide."""
         if not self._answered():
             return []  # a device event came while we asked: it decides anew
         if isinstance(result, (Unreachable, Refused)):
@@ -369,7 +389,7 @@ class PrinterCore:
         if isinstance(result, Refused) and not result.key_rejected:
             # 400: the port left OctoPrint's list since we read it (or never was valid).
             self._attempt = None
-            return self._attempt_failed(f"OctoPrint refused: {result.reason}", now)
+            return self._attempt_failed(f"{self.settings.host} refused: {result.reason}", now)
         # Unreachable: the connect may or may not have landed; look before acting again.
         return self._outage_started(result, now)
 
@@ -447,12 +467,14 @@ class PrinterCore:
             self._seen_opening = True
         if phase == Phase.CONNECTING:
             self._opening_since = None
-            return self._look_again(now, "OctoPrint is connecting")
+            return self._look_again(now, f"{self.settings.host} is {view.state}")
         if phase == Phase.OPENING:
             return self._opening(now, view.state)
         if phase == Phase.ERROR:
             # Closing takes milliseconds: look again soon, then decide on "Closed".
-            return self._look_again(now, "OctoPrint is closing after an error", CONFIRM_FIRST)
+            return self._look_again(
+                now, f"{self.settings.host} is closing after an error", CONFIRM_FIRST
+            )
         return self._closed(view, now)
 
     def _connected(self, view: HostView, now: float) -> list[Action]:
@@ -461,9 +483,13 @@ class PrinterCore:
         self._recovering = False
         was_attempt = self._attempt is not None
         # Right after the device came back, a connection we did not make is more
-        # likely OctoPrint not yet noticing the old port died (it was busy or hung)
-        # than someone connecting the new one: look once more to be sure.
-        unconfirmed = self._fresh and not was_attempt
+        # likely the host not yet noticing the old line died (OctoPrint busy or hung;
+        # Klippy takes 5 s) than someone connecting the new one: look again to be sure.
+        unconfirmed = (
+            not was_attempt
+            and self._returned_at is not None
+            and now < self._returned_at + self.settings.recheck_after_return
+        )
         self._note_connection(view)
         if self.holds:
             self.holds = []
@@ -472,17 +498,19 @@ class PrinterCore:
         self.state = State.OPERATIONAL if view.phase == Phase.OPERATIONAL else State.BUSY
         self._watch(now)
         if unconfirmed:
-            again = now + CONFIRM_CAP
+            assert self._returned_at is not None
+            again = max(
+                now + min(CONFIRM_CAP, self.settings.recheck_after_return),
+                self._returned_at + min(CONFIRM_CAP, self.settings.recheck_after_return),
+            )
             self._deadline = again if self._deadline is None else min(self._deadline, again)
+        said = f"{self.settings.host} is {view.state}"
         if was_attempt:
-            actions.append(self._decided(now, "connected", f"OctoPrint is {view.state}"))
-        elif (self.decision, self.reason) not in (
-            ("connected", f"OctoPrint is {view.state}"),
-            ("leave", f"OctoPrint is {view.state}"),
-        ):
+            actions.append(self._decided(now, "connected", said))
+        elif (self.decision, self.reason) not in (("connected", said), ("leave", said)):
             # A look that finds things as they were (a polled printer's watch) is no
             # decision: the status keeps the last one and the journal stays quiet.
-            actions.append(self._decided(now, "leave", f"OctoPrint is {view.state}"))
+            actions.append(self._decided(now, "leave", said))
         return actions
 
     def _opening(self, now: float, state: str) -> list[Action]:
@@ -578,15 +606,20 @@ class PrinterCore:
         if self._fresh:
             why = "device came back"
         elif kind == ErrorKind.TRANSPORT:
-            why = f"OctoPrint lost the printer ({view.error})"
+            why = f"{self.settings.host} lost the printer ({view.error})"
         else:
-            why = "device present and OctoPrint closed"
+            why = f"device present and {self.settings.host} closed"
         return self._connect(view, now, why)
 
     def _connect(self, view: HostView, now: float, why: str) -> list[Action]:
         assert self.device is not None
         if self.settings.only_known_devices and not self._vouched_for(view):
             return self._unknown_device(view, now)
+        if view.waiting_for is not None:
+            return self._wait_for_other_board(view.waiting_for, now)
+        self._waits = 0
+        if not view.needs_port:
+            return self._restart(view, now, why)
         port = choose_port(self.device, view.ports, self.settings.port)
         if port is None:
             return self._port_unlisted(view, now)
@@ -610,6 +643,41 @@ class PrinterCore:
             ),
             self._ask(Connect(port=port, baudrate=baudrate, profile=profile)),
         ]
+
+    def _restart(self, view: HostView, now: float, why: str) -> list[Action]:
+        """Klipper: FIRMWARE_RESTART through Moonraker (contract K1)."""
+        actions: list[Action] = []
+        if view.lost_print is not None:
+            # K2: nothing can resume it; say what was lost before the restart forgets it.
+            actions.append(
+                self._log(
+                    logging.WARNING,
+                    f"the print {view.lost_print} was cut off when Klippy lost the board; "
+                    "it cannot resume",
+                )
+            )
+        reported = f"{view.state}: {view.error}" if view.error else view.state
+        said = f"{why}: restarting the firmware ({reported})"
+        if self.settings.dry_run:
+            self.state = State.DRY_RUN
+            return [*actions, self._decided(now, "restart", f"{said} (dry run)")]
+        self._attempt = _Attempt(started=now)
+        self.total_connects += 1
+        self.state = State.CONNECTING
+        return [
+            *actions,
+            self._decided(now, "restart", said, quiet=self._failing is not None),
+            self._ask(Connect(port=None, baudrate=None, profile=None)),
+        ]
+
+    def _wait_for_other_board(self, missing: str, now: float) -> list[Action]:
+        """Contract K4: another MCU Klipper's config names is not there yet; look again,
+        less and less often (its board's return sends no event for this printer)."""
+        quiet = self.state == State.WAITING and self.reason.endswith(missing)
+        self.state = State.WAITING
+        self._deadline = now + min(RETRY_FIRST * 2.0**self._waits, WAIT_CAP)
+        self._waits += 1
+        return [self._decided(now, "wait", f"not restarting: {missing}", quiet=quiet)]
 
     def _unknown_device(self, view: HostView, now: float) -> list[Action]:
         """Zero config, a known board that nothing says is the printer: leave it."""
@@ -780,6 +848,13 @@ class PrinterCore:
         return device_identity(self.device) in self.known_devices
 
     def _outage_started(self, result: Unreachable | Refused, now: float) -> list[Action]:
+        if (
+            isinstance(result, Unreachable)
+            and self._attempt is not None
+            and now - self._attempt.started < RESTART_QUIET
+        ):
+            # Our own restart takes Klippy away from Moonraker for a moment: expected.
+            return self._look_again(now, f"{self.settings.host} is restarting ({result.reason})")
         if isinstance(result, Refused):
             text, delay, state = (
                 f"HTTP {result.status}: {result.reason}",
@@ -796,7 +871,8 @@ class PrinterCore:
             return []  # logged once; logged again when it ends
         first = self._outage is None
         self._outage = text
-        verb = "cannot reach OctoPrint" if isinstance(result, Unreachable) else "OctoPrint refused"
+        host = self.settings.host
+        verb = f"cannot reach {host}" if isinstance(result, Unreachable) else f"{host} refused"
         level = logging.ERROR if isinstance(result, Refused) else logging.WARNING
         suffix = "; will keep trying" if first else ""
         return [self._decided(now, "wait", f"{verb}: {text}{suffix}", level=level)]
@@ -806,7 +882,7 @@ class PrinterCore:
         if self._outage is None:
             return []
         self._outage = None
-        return [self._log(logging.INFO, "OctoPrint answers again; reconciling")]
+        return [self._log(logging.INFO, f"{self.settings.host} answers again; reconciling")]
 
     def _ask(self, action: Action) -> Action:
         self._in_flight = True

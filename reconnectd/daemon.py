@@ -41,12 +41,19 @@ from reconnectd.core import (
     Disconnect,
     Log,
     PrinterCore,
-    ReadOctoPrint,
+    ReadHost,
     State,
 )
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
 from reconnectd.hold_store import HoldStore, Writer
-from reconnectd.host import CommandResult, ReadResult, Refused, Unreachable
+from reconnectd.host import (
+    CommandResult,
+    HostClient,
+    PluginChecked,
+    ReadResult,
+    Refused,
+    Unreachable,
+)
 from reconnectd.jsonfiles import write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.static_nodes import SYS_ROOT, node_device
@@ -75,21 +82,6 @@ class DeviceSource(Protocol):
     def close(self) -> None: ...
 
 
-class OctoPrint(Protocol):
-    """What the loop needs of an OctoPrint client: ``octoprint_api.OctoPrintApi``."""
-
-    def read(self, *, job: bool = True) -> ReadResult: ...
-    def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult: ...
-    def disconnect(self) -> CommandResult: ...
-    def close(self) -> None: ...
-
-
-class WatchedOctoPrint(OctoPrint, Protocol):
-    """What the loop needs of the clients it runs: also the start-up plugin check."""
-
-    def reconnect_plugins(self) -> list[tuple[str, str]] | Unreachable | Refused: ...
-
-
 class Workers(Protocol):
     """Where requests run: ``workers.RequestWorkers`` in production.
 
@@ -116,14 +108,14 @@ class Notifier(Protocol):
     def watchdog_interval(self) -> float | None: ...
 
 
-ApiFactory = Callable[[OctoPrintConfig], WatchedOctoPrint]
+ApiFactory = Callable[[OctoPrintConfig], HostClient]
 
 
 @dataclass
 class _Printer:
     config: PrinterConfig
     core: PrinterCore
-    api: WatchedOctoPrint
+    api: HostClient
     devpath: str | None = None  # the device it owns now
     static: bool = False  # that device was found behind a static node, not by udev
     next_static_check: float | None = None
@@ -335,8 +327,8 @@ class Daemon:
             result: Any = completed.result
             if isinstance(result, BaseException):
                 result = Unreachable(f"internal error: {result}")
-            if isinstance(completed.request, ReadOctoPrint):
-                actions = printer.core.octoprint_read(result, now)
+            if isinstance(completed.request, ReadHost):
+                actions = printer.core.host_read(result, now)
             else:
                 actions = printer.core.command_done(result, now)
             self._execute(printer, actions)
@@ -503,19 +495,16 @@ class Daemon:
         for action in actions:
             if isinstance(action, Log):
                 log.log(action.level, "%s", action.message)
-            elif isinstance(action, ReadOctoPrint):
+            elif isinstance(action, ReadHost):
                 self._workers.submit(
                     printer.config.name, printer.core, action, _bind_read(api, action)
                 )
             elif isinstance(action, Connect):
                 self._workers.submit(
-                    printer.config.name,
-                    printer.core,
-                    action,
-                    _bind_connect(api, action),
+                    printer.config.name, printer.core, action, _bind_act(api, action)
                 )
             elif isinstance(action, Disconnect):
-                self._workers.submit(printer.config.name, printer.core, action, api.disconnect)
+                self._workers.submit(printer.config.name, printer.core, action, api.recover)
 
     # --- config -----------------------------------------------------------------
 
@@ -583,10 +572,13 @@ class Daemon:
             url = printer.config.octoprint.url
             if url in self._plugins_checked:
                 continue
+            api = printer.api
+            if not isinstance(api, PluginChecked):
+                continue  # Klipper: no plugin of its own reconnects
             self._plugins_checked.add(url)
             # No printer name has a space: this thread is never a printer's.
             key = f"plugins of {url}"
-            self._workers.submit(key, self, _PluginCheck(url), printer.api.reconnect_plugins)
+            self._workers.submit(key, self, _PluginCheck(url), api.reconnect_plugins)
 
     def _reload(self) -> None:
         try:
@@ -786,12 +778,12 @@ def _static_printers(config: Config) -> list[str]:
     return [p.name for p in config.printers if p.port is not None and p.poll > 0]
 
 
-def _bind_read(api: OctoPrint, action: ReadOctoPrint) -> Callable[[], ReadResult]:
-    return lambda: api.read(job=action.job)
+def _bind_read(api: HostClient, action: ReadHost) -> Callable[[], ReadResult]:
+    return lambda: api.read(detail=action.detail)
 
 
-def _bind_connect(api: OctoPrint, action: Connect) -> Callable[[], CommandResult]:
-    return lambda: api.connect(action.port, action.baudrate, action.profile)
+def _bind_act(api: HostClient, action: Connect) -> Callable[[], CommandResult]:
+    return lambda: api.act(action.port, action.baudrate, action.profile)
 
 
 def _route_signals_to_socket() -> tuple[socket.socket, Callable[[], None]]:

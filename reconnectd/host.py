@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union, runtime_checkable
 
 
 class Phase(enum.Enum):
@@ -105,3 +105,32 @@ class Refused:
 
 ReadResult = Union[HostView, Unreachable, Refused]
 CommandResult = Union[Accepted, Unreachable, Refused]
+
+
+class HostClient(Protocol):
+    """What the loop needs of a printer host's client: ``octoprint_api.OctoPrintApi`` or
+    ``moonraker_api.MoonrakerApi``. Every call returns a value and never raises."""
+
+    @property
+    def url(self) -> str: ...
+
+    def read(self, *, detail: bool = True) -> ReadResult:
+        """Return what the host reports (``detail``: see ``core.ReadHost``)."""
+        ...
+
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        """Bring the printer back: OctoPrint connects to ``port``; Klipper restarts."""
+        ...
+
+    def recover(self) -> CommandResult:
+        """End an attempt stuck in the host (OctoPrint: disconnect)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class PluginChecked(Protocol):
+    """A host that can run a reconnect plugin of its own (OctoPrint), asked once."""
+
+    def reconnect_plugins(self) -> list[tuple[str, str]] | Unreachable | Refused: ...

@@ -94,6 +94,16 @@ class MoonrakerApi:
         mapped = self._refusal(answer, "/printer/firmware_restart")
         return Accepted() if mapped is None else mapped
 
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        """The core's Connect, for Klipper: FIRMWARE_RESTART (Klipper's config names the
+        port and baudrate; a profile is OctoPrint's)."""
+        del port, baudrate, profile
+        return self.restart()
+
+    def recover(self) -> CommandResult:
+        """Nothing gets stuck opening in Klippy (the core never asks); a restart."""
+        return self.restart()
+
     def server_info(self) -> dict[str, Any] | Unreachable | Refused:
         """Return Moonraker's ``/server/info`` result (for ``check --online``)."""
         return self._result("GET", "/server/info")

@@ -70,9 +70,9 @@ class OctoPrintApi:
     def url(self) -> str:
         return self._http.url
 
-    def read(self, *, job: bool = True) -> ReadResult:
-        """Given whether the job matters, return OctoPrint's connection state as an
-        :class:`HostView`.
+    def read(self, *, detail: bool = True) -> ReadResult:
+        """Given whether the details matter (``/api/job``), return OctoPrint's connection
+        state as a :class:`~reconnectd.host.HostView`.
 
         Reads ``/api/connection`` and then, when ``job``, ``/api/job`` (the only place
         that tells a manual Disconnect from a closed-after-error; without it the view's
@@ -85,7 +85,7 @@ class OctoPrintApi:
         if isinstance(connection_body, (Unreachable, Refused)):
             return connection_body
         job_body: dict[str, Any] = {}
-        if job:
+        if detail:
             answer = self._get_json("/api/job")
             if isinstance(answer, (Unreachable, Refused)):
                 return answer
@@ -136,6 +136,16 @@ class OctoPrintApi:
     def disconnect(self) -> CommandResult:
         """Ask OctoPrint to drop its connection; return whether it took the command."""
         return self._command({"command": "disconnect"})
+
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        """The core's Connect, for OctoPrint: :meth:`connect` (a port is required)."""
+        if port is None:
+            return Refused(400, "no port to connect to")
+        return self.connect(port, baudrate, profile)
+
+    def recover(self) -> CommandResult:
+        """The core's Disconnect, for OctoPrint: end a connection stuck opening."""
+        return self.disconnect()
 
     def close(self) -> None:
         """Close the HTTP session and its pooled connections."""

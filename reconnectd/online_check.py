@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
 from reconnectd.core import choose_port
-from reconnectd.daemon import OctoPrint
 from reconnectd.devices import Device
-from reconnectd.host import HostView, Refused, Unreachable
+from reconnectd.host import CommandResult, HostView, ReadResult, Refused, Unreachable
 from reconnectd.matching import matching_printers
 
 PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
@@ -31,6 +30,14 @@ PORT_NOT_OFFERED = 1
 NO_PERMISSION = 77
 UNREACHABLE = 69
 _SEVERITY = {OK: 0, PORT_NOT_OFFERED: 1, NO_PERMISSION: 2, UNREACHABLE: 3}
+
+
+class OctoPrint(Protocol):
+    """What the check needs of an OctoPrint client: ``octoprint_api.OctoPrintApi``."""
+
+    def read(self, *, detail: bool = True) -> ReadResult: ...
+    def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

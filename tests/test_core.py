@@ -24,7 +24,7 @@ from reconnectd.core import (
     HoldKind,
     Log,
     PrinterCore,
-    ReadOctoPrint,
+    ReadHost,
     State,
     choose_port,
     retry_delay,
@@ -65,7 +65,7 @@ def view(state: str = "Closed", error: str | None = None, **kw: object) -> HostV
 
 
 # The first look after the device came back skips /api/job: no error can change it.
-FIRST_LOOK = ReadOctoPrint(job=False)
+FIRST_LOOK = ReadHost(detail=False)
 CLOSED = view()
 OPERATIONAL = view("Operational", port=BY_ID)
 
@@ -78,6 +78,9 @@ class Bench:
     now: float = 100.0
     log: list[Log] = field(default_factory=list)
     requests: list[Action] = field(default_factory=list)
+    # OctoPrint's client reads no error without the detail (/api/job); Moonraker's
+    # has it in /printer/info, the one request a look always makes.
+    error_needs_detail: bool = True
 
     def _take(self, actions: list[Action]) -> list[Action]:
         for action in actions:
@@ -109,10 +112,15 @@ class Bench:
     def answer(self, result: ReadResult) -> list[Action]:
         """Answer the read in flight; without the job, the error is not read (as the
         client does it)."""
-        asked = [a for a in self.requests if isinstance(a, ReadOctoPrint)]
-        if asked and not asked[-1].job and isinstance(result, HostView):
+        asked = [a for a in self.requests if isinstance(a, ReadHost)]
+        if (
+            self.error_needs_detail
+            and asked
+            and not asked[-1].detail
+            and isinstance(result, HostView)
+        ):
             result = replace(result, error=None)
-        return self._take(self.core.octoprint_read(result, self.now))
+        return self._take(self.core.host_read(result, self.now))
 
     def done(self, result: CommandResult = Accepted()) -> list[Action]:  # noqa: B008
         return self._take(self.core.command_done(result, self.now))
@@ -134,7 +142,7 @@ class Bench:
         actions = self.answer(first)
         assert len(actions) == 1 and isinstance(actions[0], Connect)
         assert self.done() == []
-        assert self.advance(60) == [ReadOctoPrint()]
+        assert self.advance(60) == [ReadHost()]
         assert self.answer(OPERATIONAL) == []
         assert self.core.state == State.OPERATIONAL
 
@@ -165,9 +173,9 @@ def test_power_cycle_connects_once_after_settle_to_by_id_link() -> None:
     assert b.core.awaiting_answer, "the connect is asked for"
     assert b.done() == []
     assert not b.core.awaiting_answer
-    assert b.advance(0.5) == [ReadOctoPrint()]
+    assert b.advance(0.5) == [ReadHost()]
     assert b.answer(view("Connecting")) == []
-    assert b.advance(1.0) == [ReadOctoPrint()]
+    assert b.advance(1.0) == [ReadHost()]
     assert b.answer(OPERATIONAL) == []
     assert b.state() == State.OPERATIONAL
     assert b.core.deadline is None, "idle once Operational: no request while nothing happens"
@@ -298,7 +306,7 @@ def test_burst_of_events_gives_one_read_and_one_connect_after_the_last_event() -
     assert b.advance(0.99) == []
     assert b.advance(0.01) == [FIRST_LOOK]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
-    assert len([r for r in b.requests if isinstance(r, ReadOctoPrint)]) == 1
+    assert len([r for r in b.requests if isinstance(r, ReadHost)]) == 1
     assert len(b.connects()) == 1
 
 
@@ -404,7 +412,7 @@ def test_connected_octoprint_is_left_alone(state: str) -> None:
     b.advance(1)
     assert b.answer(view(state)) == []
     # A connection right after the device appeared is confirmed by one more look.
-    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()]
+    assert b.advance(CONFIRM_CAP) == [ReadHost()]
     assert b.answer(view(state)) == []
     assert b.core.deadline is None
     assert b.advance(3600) == []
@@ -428,7 +436,7 @@ def test_connection_seen_right_after_a_return_is_checked_once_more() -> None:
     b.add(REPLUGGED)
     assert b.advance(1) == [FIRST_LOOK]
     assert b.answer(OPERATIONAL) == [], "hands off while it says Operational"
-    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()], "but look once more"
+    assert b.advance(CONFIRM_CAP) == [ReadHost()], "but look once more"
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
 
 
@@ -447,13 +455,13 @@ def test_a_confirmed_connection_after_a_return_is_left_alone() -> None:
     ("state", "next_look"),
     [
         # Someone's connection being made: an error it ends with would be new.
-        ("Connecting", ReadOctoPrint()),
-        ("Detecting serial connection", ReadOctoPrint()),
+        ("Connecting", ReadHost()),
+        ("Detecting serial connection", ReadHost()),
         # Closing after an error: the old connection's, as likely as not.
         ("Error", FIRST_LOOK),
     ],
 )
-def test_connecting_octoprint_is_watched_not_touched(state: str, next_look: ReadOctoPrint) -> None:
+def test_connecting_octoprint_is_watched_not_touched(state: str, next_look: ReadHost) -> None:
     b = bench()
     b.add()
     b.advance(1)
@@ -470,7 +478,7 @@ def test_connecting_octoprint_is_watched_not_touched(state: str, next_look: Read
 def test_manual_disconnect_holds_until_the_device_vanishes_and_comes_back() -> None:
     b = connected_bench()
     b.core.reconcile(b.now, "reload")
-    assert b.advance(0) == [ReadOctoPrint()]
+    assert b.advance(0) == [ReadHost()]
     assert b.answer(CLOSED) == [], "the user disconnected: no reconnect"
     assert b.state() == State.HELD
     assert [h.kind for h in b.core.holds] == [HoldKind.MANUAL]
@@ -498,7 +506,7 @@ def test_udev_change_for_the_same_device_keeps_the_hold_and_looks_again() -> Non
     assert b.core.holds
     assert b.add(DEVICE) == [], "a re-announced device (udevadm trigger) is no power cycle"
     assert b.core.holds, "the hold must survive"
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [ReadHost()]
     assert b.answer(CLOSED) == []
     assert b.state() == State.HELD
     assert len(b.connects()) == 1
@@ -534,7 +542,7 @@ def test_manual_disconnect_seen_before_a_restart_is_respected_after_it() -> None
     restarted = bench()
     assert restarted.core.restore(memory) == []
     assert restarted.add(DEVICE, enumerated=True) == []
-    assert restarted.advance(0) == [ReadOctoPrint()]
+    assert restarted.advance(0) == [ReadHost()]
     assert restarted.answer(CLOSED) == []
     assert restarted.state() == State.HELD
     assert restarted.core.holds[0].kind == HoldKind.MANUAL
@@ -608,7 +616,7 @@ def test_fatal_error_of_a_connection_made_since_the_return_holds() -> None:
     b.add(REPLUGGED)
     assert b.advance(1) == [FIRST_LOOK]
     assert b.answer(view("Connecting", port=BY_ID)) == []
-    assert b.advance(CONFIRM_CAP) == [ReadOctoPrint()], "an error may mean something now"
+    assert b.advance(CONFIRM_CAP) == [ReadHost()], "an error may mean something now"
     assert b.answer(view(error=THERMAL)) == []
     assert [h.kind for h in b.core.holds] == [HoldKind.FATAL]
     assert len(b.connects()) == 1, "only the connect before the power cycle"
@@ -643,7 +651,7 @@ def keep_answering(b: Bench, answer: HostView) -> list[Action]:
         actions = b.answer(answer)
         if actions:
             return actions
-        assert b.advance(give_up - b.now + 1) == [ReadOctoPrint()], "the core stopped looking"
+        assert b.advance(give_up - b.now + 1) == [ReadHost()], "the core stopped looking"
     raise AssertionError(f"nothing but reads for {STUCK_RECOVERED_WITHIN} s")
 
 
@@ -657,7 +665,7 @@ def test_stuck_opening_is_disconnected_then_connected() -> None:
     assert first_seen + STUCK_AFTER <= b.now <= first_seen + STUCK_AFTER + CONFIRM_CAP
     assert any("stuck" in m for m in b.messages(logging.WARNING))
     assert b.done() == []
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [ReadHost()]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
 
 
@@ -685,7 +693,7 @@ def test_our_attempt_stuck_in_opening_counts_as_failed_and_backs_off() -> None:
     assert b.answer(CLOSED) == [], "after a stuck attempt, wait for the backoff"
     assert b.core.attempts == 1
     assert b.state() == State.RETRY_WAIT
-    assert b.advance(retry_delay(1)) == [ReadOctoPrint()]
+    assert b.advance(retry_delay(1)) == [ReadHost()]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
 
 
@@ -721,10 +729,10 @@ def test_retry_delay(failed: int, poll: float, delay: float) -> None:
 def fail_attempt(b: Bench) -> None:
     """Answer the due read with Closed, accept the connect, then report it failed."""
     # Only the first attempt after the device came back skips the job.
-    assert b.advance(RETRY_CAP) == [FIRST_LOOK if b.connects() == [] else ReadOctoPrint()]
+    assert b.advance(RETRY_CAP) == [FIRST_LOOK if b.connects() == [] else ReadHost()]
     assert isinstance(b.answer(CLOSED)[0], Connect)
     b.done()
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [ReadHost()]
     b.answer(CLOSED)
 
 
@@ -768,7 +776,7 @@ def test_repeated_failures_are_logged_once_per_reason_change() -> None:
     assert "attempt 1 failed" in warnings[0]
     assert not [m for m in b.messages() if "retry 5: connecting" in m], "retries go to debug"
     # recovery is logged again
-    assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+    assert b.advance(RETRY_CAP) == [ReadHost()]
     b.answer(CLOSED)
     b.done()
     b.advance(1)
@@ -842,7 +850,7 @@ def test_a_reload_never_brings_a_retry_forward() -> None:
     for _ in range(3):
         b.core.reconcile(b.now, "config reloaded")
         assert b.advance(1) == []
-    assert b.advance(2) == [ReadOctoPrint()], "the retry comes when its backoff ends"
+    assert b.advance(2) == [ReadHost()], "the retry comes when its backoff ends"
     assert len(b.connects()) == 1
 
 
@@ -852,7 +860,7 @@ def test_connect_that_timed_out_is_checked_before_connecting_again() -> None:
     b.advance(1)
     b.answer(CLOSED)
     assert b.done(Unreachable("no answer within 5 s")) == []
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [ReadHost()]
     assert b.answer(view("Connecting")) == [], "the connect landed after all: do not stack another"
     assert len(b.connects()) == 1
 
@@ -863,7 +871,7 @@ def test_connect_that_timed_out_is_checked_before_connecting_again() -> None:
 def test_start_with_device_present_connects_without_waiting_to_settle() -> None:
     b = bench(settle=5.0)
     assert b.add(DEVICE, enumerated=True) == []
-    assert b.advance(0) == [ReadOctoPrint()]
+    assert b.advance(0) == [ReadHost()]
     assert b.answer(CLOSED) == [Connect(BY_ID, 115200, None)]
 
 
@@ -972,7 +980,7 @@ def test_polled_printer_is_watched_every_poll_period_quietly() -> None:
     connected_at = b.core.decided_at
     for _ in range(5):
         assert b.advance(29.9) == []
-        assert b.advance(0.1) == [ReadOctoPrint()]
+        assert b.advance(0.1) == [ReadHost()]
         assert b.answer(OPERATIONAL) == []
     assert b.connects() == [Connect(BY_ID, 115200, None)]
     assert not [m for m in b.messages() if "leave" in m], "watching is not news"
@@ -992,17 +1000,17 @@ def test_polled_printer_switched_off_behind_a_powered_chip_is_retried_until_it_a
     b.add()
     b.connect_until_operational()
     # Switched off: the node stays, OctoPrint times out and closes. No udev event.
-    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.advance(30) == [ReadHost()]
     assert b.answer(view(error=TIMEOUTS)) == [Connect(BY_ID, 115200, None)]
     starts = [b.now]
     for _ in range(5):  # each attempt ends "Offline" with no error: not a Disconnect
         b.done()
-        assert b.advance(60) == [ReadOctoPrint()]
+        assert b.advance(60) == [ReadHost()]
         assert b.answer(view("Connecting")) == []
-        assert b.advance(60) == [ReadOctoPrint()]
+        assert b.advance(60) == [ReadHost()]
         assert b.answer(CLOSED) == []
         assert b.core.holds == [], "the end of our own attempt is not the user's Disconnect"
-        assert b.advance(RETRY_CAP) == [ReadOctoPrint()]
+        assert b.advance(RETRY_CAP) == [ReadHost()]
         assert isinstance(b.answer(CLOSED)[0], Connect)
         starts.append(b.now)
     gaps = [round(later - earlier) for earlier, later in zip(starts, starts[1:])]
@@ -1011,7 +1019,7 @@ def test_polled_printer_switched_off_behind_a_powered_chip_is_retried_until_it_a
     assert b.core.state == State.CONNECTING, "a polled printer never gives up"
     # Switched on: the attempt in progress reaches Operational.
     b.done()
-    assert b.advance(1) == [ReadOctoPrint()]
+    assert b.advance(1) == [ReadHost()]
     assert b.answer(OPERATIONAL) == []
     assert b.core.attempts == 0
     assert len(b.messages(logging.WARNING)) == 1, "a run of failures is logged once"
@@ -1021,13 +1029,13 @@ def test_polled_printer_respects_a_disconnect_and_sees_the_user_connect_again() 
     b = bench(poll=30)
     b.add()
     b.connect_until_operational()
-    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.advance(30) == [ReadHost()]
     assert b.answer(CLOSED) == [], "the user disconnected"
     assert b.state() == State.HELD
     for _ in range(3):
-        assert b.advance(30) == [ReadOctoPrint()]
+        assert b.advance(30) == [ReadHost()]
         assert b.answer(CLOSED) == []
-    assert b.advance(30) == [ReadOctoPrint()]
+    assert b.advance(30) == [ReadHost()]
     assert b.answer(OPERATIONAL) == [], "the user connected: hands off, hold ends"
     assert b.core.holds == []
     assert len(b.connects()) == 1
@@ -1061,7 +1069,7 @@ def _same_decision_whatever_the_error(core: PrinterCore, now: float, answer: Hos
     decisions = set()
     for error in ERRORS:
         twin = copy.deepcopy(core)
-        actions = twin.octoprint_read(replace(answer, error=error), now)
+        actions = twin.host_read(replace(answer, error=error), now)
         decisions.add((repr(actions), twin.state, repr(twin.holds), twin.deadline))
     assert len(decisions) == 1, f"the error changes the decision after {answer}: {decisions}"
 
@@ -1090,9 +1098,9 @@ def test_a_look_without_the_job_is_never_one_an_error_could_change(seed: int) ->
             actions = b.advance(rng.choice((0.5, 1, 5, 30, 300)))
             pending = actions[-1] if actions else None
             continue
-        if isinstance(pending, ReadOctoPrint):
+        if isinstance(pending, ReadHost):
             answer = rng.choice(ANSWERS)
-            if not pending.job and isinstance(answer, HostView):
+            if not pending.detail and isinstance(answer, HostView):
                 looks_without_job += 1
                 _same_decision_whatever_the_error(b.core, b.now, answer)
             actions = b.answer(answer)

@@ -92,7 +92,7 @@ class FakeOctoPrint:
     disconnects: int = 0
     preference: str | None = None  # OctoPrint's saved port (options.portPreference)
     port: str | None = None  # the connection's port (current.port), while there is one
-    reads: list[bool] = field(default_factory=list)  # each read's ``job``
+    reads: list[bool] = field(default_factory=list)  # each read's ``detail``
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Cleared: every read waits until it is set, as against a hung OctoPrint.
     answering: threading.Event = field(default_factory=threading.Event)
@@ -100,15 +100,15 @@ class FakeOctoPrint:
     def __post_init__(self) -> None:
         self.answering.set()
 
-    def read(self, *, job: bool = True) -> ReadResult:
+    def read(self, *, detail: bool = True) -> ReadResult:
         with self.lock:
-            self.reads.append(job)
+            self.reads.append(detail)
         self.answering.wait()
         with self.lock:
             return octoprint_view(
                 state=self.state,
                 port=None if self.state == "Closed" else self.port,
-                error=self.error if job else None,
+                error=self.error if detail else None,
                 ports=self.ports,
                 baudrate_preference=115200,
                 port_preference=self.preference,
@@ -122,6 +122,15 @@ class FakeOctoPrint:
             if self.state == "Closed":
                 self.state, self.error, self.port = "Operational", None, port
             return Accepted()
+
+    url = "http://127.0.0.1:9"
+
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        assert port is not None, "OctoPrint is always given a port"
+        return self.connect(port, baudrate, profile)
+
+    def recover(self) -> CommandResult:
+        return self.disconnect()
 
     def disconnect(self) -> CommandResult:
         with self.lock:

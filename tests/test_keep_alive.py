@@ -175,7 +175,7 @@ def test_a_dropped_connection_is_asked_again_then_a_connection_per_request(
 def test_a_command_on_a_dropped_connection_arrives_once(
     server: RawServer, api: OctoPrintApi
 ) -> None:
-    assert isinstance(api.read(job=False), HostView)
+    assert isinstance(api.read(detail=False), HostView)
     assert isinstance(api.connect("/dev/ttyACM0", None, None), Accepted)
     posts = [r for r in server.requests if r.method == "POST"]
     assert len(posts) == 1, "the reset request was never read; the one sent again was"
@@ -196,7 +196,7 @@ def test_a_server_that_resets_everything_is_tried_once_more_not_forever(
 
 @pytest.mark.parametrize("server", ["keeps"], indirect=True)
 def test_read_without_the_job_asks_one_path(server: RawServer, api: OctoPrintApi) -> None:
-    view = api.read(job=False)
+    view = api.read(detail=False)
     assert isinstance(view, HostView)
     assert view.error is None
     assert [r.path for r in server.requests] == ["/api/connection"]

@@ -54,7 +54,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
-from reconnectd.core import RETRY_FIRST, ReadOctoPrint, State
+from reconnectd.core import RETRY_FIRST, ReadHost, State
 from reconnectd.core import Connect as ConnectAction
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
@@ -156,14 +156,14 @@ class ModelOctoPrint:
     def __init__(self, model: DaemonModel) -> None:
         self.model = model
 
-    def read(self, *, job: bool = True) -> ReadResult:
+    def read(self, *, detail: bool = True) -> ReadResult:
         world = self.model.world
         self.model.read_snapshot = world.snapshot()
         if not world.up:
             return Unreachable("connection refused")
         return octoprint_view(
             state=world.state,
-            error=world.error if job else None,
+            error=world.error if detail else None,
             ports=world.ports(),
             baudrate_preference=115200,
         )
@@ -178,6 +178,15 @@ class ModelOctoPrint:
             world.state, world.error = "Connecting", None
             world.connects += 1
         return Accepted()
+
+    url = "http://127.0.0.1:5000"
+
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        assert port is not None, "OctoPrint is always given a port"
+        return self.connect(port, baudrate, profile)
+
+    def recover(self) -> CommandResult:
+        return self.disconnect()
 
     def disconnect(self) -> CommandResult:
         world = self.model.world
@@ -237,7 +246,7 @@ class ModelWorkers:
         task = self.queues[key].popleft()
         self.model.read_snapshot = None
         result = task.job()
-        snap = self.model.read_snapshot if isinstance(task.request, ReadOctoPrint) else None
+        snap = self.model.read_snapshot if isinstance(task.request, ReadHost) else None
         self.ready.append((Completed(task.key, task.owner, task.request, result), snap))
 
 
@@ -578,11 +587,18 @@ class DaemonModel(RuleBasedStateMachine):
         """The daemon dies (kill -9, a crash, an upgrade) and systemd starts it again.
         Requests not yet sent die with it; what it knew survives only on disk."""
         assert self.daemon is not None
-        on_disk = self.daemon.holds_unsaved is None
         self.daemon.close()
-        if not on_disk:
-            # Not the daemon's fault: the disk refused every write since it learned.
-            self.world.manual_hold = self.world.daemon_saw_connection = False
+        # The new process knows what the state file says, no more: whether it saw the
+        # printer connected on this device (then a "Closed" without error is the
+        # user's Disconnect), and the holds. Not the daemon's fault when the disk
+        # refused every write since it learned more.
+        state = self.tmp / "state" / "state.json"
+        stored = json.loads(state.read_text())["printers"].get(NAME, {}) if state.exists() else {}
+        device = self.world.device
+        knows = device is not None and stored.get("connected_instance") == device.instance
+        held = any(h["kind"] == "manual" for h in stored.get("holds", []))
+        self.world.daemon_saw_connection = knows
+        self.world.manual_hold = self.world.manual_hold and (knows or held)
         # What the new process takes for a return is its own to judge: exempt as after one.
         self.world.unseen_since_return = True
         self.start_daemon()

@@ -32,7 +32,7 @@ class ScriptedOctoPrint:
         self.connects: list[str] = []
         self.closed = False
 
-    def read(self, *, job: bool = True) -> ReadResult:
+    def read(self, *, detail: bool = True) -> ReadResult:
         return self._read
 
     def connect(self, port: str, baudrate: int | None, profile: str | None) -> CommandResult:
