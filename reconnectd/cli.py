@@ -16,6 +16,7 @@ from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
     ConfigError,
+    MoonrakerConfig,
     OctoPrintConfig,
     PrinterConfig,
     config_path,
@@ -23,7 +24,9 @@ from reconnectd.config import (
 )
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device
+from reconnectd.host import HostClient
 from reconnectd.matching import matching_printers, stanza_for, suggested_name
+from reconnectd.moonraker_api import MoonrakerApi
 from reconnectd.octoprint_api import OctoPrintApi
 from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import StatusUnavailable, load_status, render_table, status_path
@@ -113,16 +116,10 @@ def _run(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -
         return new
 
     loaded(config)
-
-    def api_for(octoprint: OctoPrintConfig) -> OctoPrintApi:
-        return OctoPrintApi(
-            octoprint.url, octoprint.api_key, octoprint.timeout, ca_file=octoprint.ca_file
-        )
-
     daemon = Daemon(
         config,
         source=UdevWatcher(),
-        api_factory=api_for,
+        api_factory=host_client,
         notifier=Notifier(environ),
         reload_config=lambda: loaded(load_config(args.config, environ)),
         environ=environ,
@@ -219,6 +216,13 @@ def _device_row(config: Config, device: Device) -> dict[str, object]:
         "printers": [p.name for p in matching_printers(config.printers, device)],
         "stanza": stanza_for(device, suggested_name(device)),
     }
+
+
+def host_client(host: OctoPrintConfig | MoonrakerConfig) -> HostClient:
+    """Given a printer's host config, return its client: OctoPrint's or Moonraker's."""
+    if isinstance(host, MoonrakerConfig):
+        return MoonrakerApi(host.url, host.api_key, host.timeout, ca_file=host.ca_file)
+    return OctoPrintApi(host.url, host.api_key, host.timeout, ca_file=host.ca_file)
 
 
 def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:

@@ -52,6 +52,7 @@ CONFIG_ENV = "RECONNECTD_CONFIG"
 ZERO_CONFIG_PRINTER = "printer"
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
 # The unit's Group=: a secret this group may read is not exposed.
 SERVICE_GROUP = "reconnectd"
 TIMEOUT_MAX = 60.0  # seconds; a longer request would starve the watchdog ping
@@ -96,8 +97,27 @@ class OctoPrintConfig:
 
 
 @dataclass(frozen=True)
+class MoonrakerConfig:
+    """How to reach one Moonraker, the API server in front of a Klipper host.
+
+    Like :class:`OctoPrintConfig`: ``api_key`` (sent as ``X-Api-Key``; a trusted
+    client needs none) is left out of ``repr``.
+    """
+
+    url: str = DEFAULT_MOONRAKER_URL
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: Path | None = None
+    timeout: float = 5.0
+    api_key_credential: str | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class PrinterConfig:
-    """One ``[[printer]]``: how to recognise its device and where its OctoPrint is."""
+    """One ``[[printer]]``: how to recognise its device and where its host is.
+
+    ``moonraker`` set makes it a Klipper printer (its ``octoprint`` is then unused).
+    """
 
     name: str
     octoprint: OctoPrintConfig
@@ -111,6 +131,12 @@ class PrinterConfig:
     settle: float = 1.0
     poll: float = 0.0
     known_boards: bool = False
+    moonraker: MoonrakerConfig | None = None
+
+    @property
+    def host(self) -> OctoPrintConfig | MoonrakerConfig:
+        """The printer's host: its Moonraker for a Klipper printer, else its OctoPrint."""
+        return self.moonraker if self.moonraker is not None else self.octoprint
 
 
 @dataclass(frozen=True)

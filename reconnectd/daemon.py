@@ -29,11 +29,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 from reconnectd import __version__
 from reconnectd.boards import known_board
-from reconnectd.config import Config, ConfigError, OctoPrintConfig, PrinterConfig, load_config
+from reconnectd.config import (
+    Config,
+    ConfigError,
+    MoonrakerConfig,
+    OctoPrintConfig,
+    PrinterConfig,
+    load_config,
+)
 from reconnectd.core import (
     Action,
     Connect,
@@ -108,7 +115,7 @@ class Notifier(Protocol):
     def watchdog_interval(self) -> float | None: ...
 
 
-ApiFactory = Callable[[OctoPrintConfig], HostClient]
+ApiFactory = Callable[[Union[OctoPrintConfig, MoonrakerConfig]], HostClient]
 
 
 @dataclass
@@ -137,6 +144,9 @@ def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
         profile=config.profile,
         dry_run=dry_run,
         only_known_devices=config.known_boards,
+        host="Klippy" if config.moonraker is not None else "OctoPrint",
+        # Klippy notices a lost MCU 4.5 to 5.5 s after it went (klipper-facts).
+        recheck_after_return=10.0 if config.moonraker is not None else 5.0,
     )
 
 
@@ -525,9 +535,7 @@ class Daemon:
             if remembered is not None:
                 for problem in core.restore(remembered):
                     log.warning("%s", problem)
-            replacement = _Printer(
-                printer_config, core, self._api_factory(printer_config.octoprint)
-            )
+            replacement = _Printer(printer_config, core, self._api_factory(printer_config.host))
             if kept is not None:
                 replacement.settle_until = kept.core.settling_until
                 # Closed in the printer's own worker, after a request still running on
@@ -545,7 +553,7 @@ class Daemon:
     def _still_the_same_printer(self, printer: _Printer, config: PrinterConfig) -> bool:
         """Whether a changed config still describes the printer this core knows: the
         same OctoPrint instance, and the device it owns (if any) still matches."""
-        if printer.config.octoprint.url != config.octoprint.url:
+        if printer.config.host.url != config.host.url:
             return False
         device = self._present.get(printer.devpath) if printer.devpath else None
         return device is None or bool(matching_printers([config], device))
@@ -555,10 +563,10 @@ class Daemon:
         the device and OctoPrint (a settle window running, a return not yet acted on,
         a connection it saw); only the settings change."""
         printer.core.reconfigure(settings_for(config, self._dry_run))
-        if printer.config.octoprint != config.octoprint:
+        if printer.config.host != config.host:
             # A new key or timeout: a new client, the old one closed behind its requests.
             self._workers.submit(config.name, None, _Closing(), printer.api.close)
-            printer.api = self._api_factory(config.octoprint)
+            printer.api = self._api_factory(config.host)
         printer.config = config
         self._printers[config.name] = printer
 
@@ -569,7 +577,7 @@ class Daemon:
         delays neither the loop nor its printers' first look.
         """
         for printer in self._printers.values():
-            url = printer.config.octoprint.url
+            url = printer.config.host.url
             if url in self._plugins_checked:
                 continue
             api = printer.api
@@ -661,16 +669,20 @@ class Daemon:
         rows: list[dict[str, object]] = []
         for name, printer in self._printers.items():
             core = printer.core
+            kind = "moonraker" if printer.config.moonraker is not None else "octoprint"
             state = core.state.value
             if core.state == State.HELD and core.holds:
                 state = f"holding after {core.holds[0].kind.value}"
+            elif core.state == State.UNREACHABLE:
+                state = f"{kind} unreachable"
             at = None if core.decided_at is None else iso_utc(wall - (now - core.decided_at))
             rows.append(
                 {
                     "name": name,
                     "state": state,
                     "device": core.device.node if core.device else None,
-                    "octoprint": printer.config.octoprint.url,
+                    # The key names the host: "octoprint" (as always) or "moonraker".
+                    kind: printer.config.host.url,
                     "decision": core.decision,
                     "reason": core.reason,
                     "at": at,
@@ -717,7 +729,8 @@ class Daemon:
                     UDEV_CONTROL,
                 )
         for printer in config.printers:
-            if printer.octoprint.api_key is None:
+            # Moonraker trusts local clients without a key (its trusted_clients).
+            if printer.moonraker is None and printer.octoprint.api_key is None:
                 log.warning(
                     "%s: no API key for OctoPrint at %s; set api_key_file in the config",
                     printer.name,
