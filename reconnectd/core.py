@@ -54,6 +54,9 @@ RETRY_CAP = 300.0  # ... doubling up to 300 s
 EVENT_DRIVEN_ATTEMPTS = 8
 CONFIRM_FIRST = 0.5  # first look after a connect; Operational takes 0.1 s to ~12 s
 CONFIRM_CAP = 5.0
+# A host that still reports the printer connected right after the device came back
+# is looked at again this often while CoreSettings.recheck_after_return lasts.
+RECHECK_EVERY = 1.0
 # "Opening serial connection" lasts milliseconds when the port opens, ~10 s when
 # ModemManager holds a fresh ttyACM, and forever when the node cannot be opened.
 STUCK_AFTER = 20.0
@@ -267,6 +270,9 @@ class PrinterCore:
                 and self.last_instance is not None
                 and device.instance != self.last_instance
             )
+            # It may have come back while we were away (the state file cannot always
+            # tell): a host that says connected may not have noticed yet either.
+            self._returned_at = now
             self._seen_connected = (
                 bool(device.instance) and device.instance == self.connected_instance
             )
@@ -499,10 +505,7 @@ class PrinterCore:
         self._watch(now)
         if unconfirmed:
             assert self._returned_at is not None
-            again = max(
-                now + min(CONFIRM_CAP, self.settings.recheck_after_return),
-                self._returned_at + min(CONFIRM_CAP, self.settings.recheck_after_return),
-            )
+            again = min(now + RECHECK_EVERY, self._returned_at + self.settings.recheck_after_return)
             self._deadline = again if self._deadline is None else min(self._deadline, again)
         said = f"{self.settings.host} is {view.state}"
         if was_attempt:

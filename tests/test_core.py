@@ -12,6 +12,7 @@ import pytest
 from reconnectd.core import (
     CONFIRM_CAP,
     EVENT_DRIVEN_ATTEMPTS,
+    RECHECK_EVERY,
     RETRY_CAP,
     STUCK_AFTER,
     UNLISTED_GRACE,
@@ -411,10 +412,14 @@ def test_connected_octoprint_is_left_alone(state: str) -> None:
     b.add()
     b.advance(1)
     assert b.answer(view(state)) == []
-    # A connection right after the device appeared is confirmed by one more look.
-    assert b.advance(CONFIRM_CAP) == [ReadHost()]
-    assert b.answer(view(state)) == []
-    assert b.core.deadline is None
+    # A connection right after the device came back is looked at again every second
+    # until 5 s after the return: OctoPrint may not have noticed the old line died.
+    looks = 0
+    while b.core.deadline is not None:
+        assert b.advance(RECHECK_EVERY) == [ReadHost()]
+        assert b.answer(view(state)) == []
+        looks += 1
+    assert looks == 4 and b.now == 105.0
     assert b.advance(3600) == []
     assert b.connects() == [] and not any(isinstance(r, Disconnect) for r in b.requests)
     assert any(f"leave: OctoPrint is {state}" in m for m in b.messages())
@@ -429,14 +434,14 @@ def test_closing_after_an_error_is_looked_at_again_soon_then_connected() -> None
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
 
 
-def test_connection_seen_right_after_a_return_is_checked_once_more() -> None:
+def test_connection_seen_right_after_a_return_is_checked_again() -> None:
     """A hung OctoPrint may still report the dead old port as Operational."""
     b = connected_bench()
     b.remove()
     b.add(REPLUGGED)
     assert b.advance(1) == [FIRST_LOOK]
     assert b.answer(OPERATIONAL) == [], "hands off while it says Operational"
-    assert b.advance(CONFIRM_CAP) == [ReadHost()], "but look once more"
+    assert b.advance(RECHECK_EVERY) == [ReadHost()], "but look again soon"
     assert b.answer(view(error=VANISHED)) == [Connect(BY_ID, 115200, None)]
 
 
@@ -444,11 +449,14 @@ def test_a_confirmed_connection_after_a_return_is_left_alone() -> None:
     b = connected_bench()
     b.remove()
     b.add(REPLUGGED)
+    returned = b.now
     b.advance(1)
     b.answer(OPERATIONAL)
-    b.advance(CONFIRM_CAP)
-    assert b.answer(OPERATIONAL) == []
-    assert b.core.deadline is None, "confirmed: no more requests"
+    while b.core.deadline is not None:
+        b.advance(RECHECK_EVERY)
+        assert b.answer(OPERATIONAL) == []
+    assert b.now - returned == 5.0, "looked at until 5 s after the return, no longer"
+    assert b.advance(3600) == [], "confirmed: no more requests"
 
 
 @pytest.mark.parametrize(

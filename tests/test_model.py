@@ -33,6 +33,12 @@ The promises, in the contract's words (README "Behaviour"), checked as invariant
       is connected within the documented bound (settle, plus the backoff already
       running, plus a confirmation).
 
+The same model runs over both hosts (the seam of ``host.py``): OctoPrint, and Klipper's
+Klippy behind Moonraker, read by the real ``moonraker_state``. For Klipper the promises
+read: never a restart while Klippy is ready or starting (P3, K2); after an emergency
+stop or M112 none until the board comes back (P5, K3); none while another MCU's board
+is missing (K4); and a board that came back to a Klippy that lost it is restarted (K1).
+
 ``RECONNECTD_MODEL=soak`` runs many more and longer examples (README, "Development").
 """
 
@@ -45,7 +51,8 @@ import shutil
 import socket
 import tempfile
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -53,13 +60,21 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
+from reconnectd.config import Config, MoonrakerConfig, OctoPrintConfig, PrinterConfig
 from reconnectd.core import RETRY_FIRST, ReadHost, State
 from reconnectd.core import Connect as ConnectAction
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device, DeviceAdded, DeviceEvent, DeviceRemoved
-from reconnectd.host import Accepted, CommandResult, ReadResult, Refused, Unreachable
+from reconnectd.host import (
+    Accepted,
+    CommandResult,
+    HostClient,
+    ReadResult,
+    Refused,
+    Unreachable,
+)
 from reconnectd.jsonfiles import write_json_atomic
+from reconnectd.moonraker_state import view_of
 from reconnectd.octoprint_state import octoprint_view
 from reconnectd.workers import Completed, Job
 
@@ -70,6 +85,14 @@ USB_PORTS = ("1-1", "1-2")  # the cable can move between two ports
 VANISHED = "SerialException: device reports readiness to read but returned no data"
 THERMAL = "Thermal Runaway, system stopped! Heater_ID: bed - Printer halted. kill() called!"
 CONNECTED = ("Operational", "Printing", "Paused")
+# Klipper's words (klipper-facts.md), and the MCUs its config names.
+LOST = "Lost communication with MCU 'mcu'"
+UNABLE = "mcu 'mcu': Unable to connect"
+ESTOP = "Shutdown due to webhooks request"
+KLIPPY_AWAY = "Klippy is not connected to Moonraker (Klippy Host not connected)"
+MCU_SERIAL = "/dev/serial/by-id/usb-Klipper_stm32f446xx_1A0031-if00"
+TOOLHEAD_SERIAL = "/dev/serial/by-id/usb-Klipper_rp2040_E66138-if00"
+KLIPPY_NOTICES = 5.5  # seconds from losing the MCU to "Lost communication", at most
 
 settings.register_profile(
     "ci",
@@ -94,6 +117,9 @@ class Snapshot:
 
     state: str
     up: bool
+    closed: bool  # the host said it holds nothing: the only state to act in
+    visible: bool  # the reading showed the daemon a connection (or one being made)
+    boards_there: bool  # every MCU Klipper's config names is there (always, for OctoPrint)
     fatal_hold: bool
     fatal_unseeable: bool
     manual_hold: bool
@@ -141,12 +167,197 @@ class World:
         """The device vanished: OctoPrint drops whatever connection it had."""
         if self.state != "Closed":
             self.state, self.error = "Closed", VANISHED
+        self.forget_holds()
+
+    def forget_holds(self) -> None:
         self.fatal_hold = self.manual_hold = self.daemon_saw_connection = False
         self.fatal_unseeable = False
 
+    def closed(self) -> bool:
+        return self.state == "Closed"
+
+    def connected(self) -> bool:
+        return self.state in CONNECTED
+
+    def progressing(self) -> bool:
+        return self.state == "Connecting"
+
+    def progress(self) -> None:
+        """The host gets where it was going by itself."""
+        if self.device is not None and self.firmware_ok:
+            self.state = "Operational"
+        else:
+            self.state, self.error = "Closed", None  # a silent printer: no error
+
+    def can_user_connect(self) -> bool:
+        return self.closed() and self.device is not None
+
+    def user_connects(self) -> None:
+        self.state, self.error = "Operational", None
+
+    def can_user_disconnect(self) -> bool:
+        return self.connected()
+
+    def can_start_print(self) -> bool:
+        return self.state == "Operational"
+
+    def start_print(self) -> None:
+        self.state = "Printing"
+
+    def printing(self) -> bool:
+        return self.state in ("Printing", "Paused")
+
+    def pause_or_end_print(self, paused: bool) -> None:
+        self.state = "Paused" if paused and self.state == "Printing" else "Operational"
+
+    def can_stop(self) -> bool:
+        return self.connected()
+
+    def stop(self) -> None:
+        """The firmware stops itself (or a person stops it): a verdict, not a lost line."""
+        self.state, self.error = "Closed", THERMAL
+
+    def shows_verdict(self) -> bool:
+        return self.error == THERMAL
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
-            self.state, self.up, self.fatal_hold, self.fatal_unseeable, self.manual_hold
+            state=self.state,
+            up=self.up,
+            closed=self.closed(),
+            visible=self.up and not self.closed(),
+            boards_there=True,
+            fatal_hold=self.fatal_hold,
+            fatal_unseeable=self.fatal_unseeable,
+            manual_hold=self.manual_hold,
+        )
+
+    def client(self, model: DaemonModel) -> HostClient:
+        return ModelOctoPrint(model)
+
+    def printer(self, settle: float, changed: bool) -> PrinterConfig:
+        octoprint = OctoPrintConfig(url="http://127.0.0.1:5000", api_key="KEY")
+        return PrinterConfig(
+            name=NAME,
+            octoprint=octoprint,
+            vendor_id="2c99",
+            product_id="0002",
+            serial="CZPX1",
+            settle=settle,
+            baudrate=250000 if changed else None,
+        )
+
+
+@dataclass
+class KlippyWorld(World):
+    """A Klipper printer: its MCU's USB device, Klippy, and Moonraker in front of it.
+
+    ``state`` is Klippy's, plus two the API never shows as such: "restarting" (Klippy
+    away from Moonraker, 503) and "ready-lost" (the MCU went, Klippy has not noticed
+    yet and still says ready, as it does for 4.5 to 5.5 s).
+    """
+
+    state: str = "error"
+    error: str | None = UNABLE
+    toolhead: bool = True  # the second MCU's board is there
+    print_on: bool = False
+    clock: Clock | None = None  # the model's: Klippy notices a lost MCU in time
+    lost_at: float | None = None
+
+    def notice(self) -> None:
+        """Klippy notices the lost MCU 4.5 to 5.5 s after it went, whoever looks."""
+        lost_at, clock = self.lost_at, self.clock
+        lost = self.state == "ready-lost" and clock is not None and lost_at is not None
+        if (
+            lost
+            and clock is not None
+            and lost_at is not None
+            and clock.now - lost_at >= KLIPPY_NOTICES
+        ):
+            self.progress()
+
+    def new_device(self, usb_port: str) -> Device:
+        device = super().new_device(usb_port)
+        return replace(device, vendor_id="1d50", product_id="614e", serial="1A0031")
+
+    def reported(self) -> str:
+        return "ready" if self.state == "ready-lost" else self.state
+
+    def lose_connection(self) -> None:
+        if self.state == "ready":
+            self.state = "ready-lost"
+            self.lost_at = self.clock.now if self.clock is not None else None
+        self.forget_holds()
+
+    def closed(self) -> bool:
+        return self.reported() in ("shutdown", "error")
+
+    def connected(self) -> bool:
+        return self.state == "ready"
+
+    def progressing(self) -> bool:
+        return self.state in ("restarting", "ready-lost", "startup")
+
+    def progress(self) -> None:
+        if self.state == "ready-lost":
+            self.state, self.error = "shutdown", LOST
+        elif self.device is not None and self.toolhead:
+            self.state, self.error, self.print_on = "ready", None, False
+        else:
+            self.state, self.error, self.print_on = "error", UNABLE, False
+
+    def can_user_connect(self) -> bool:
+        return self.closed()
+
+    def user_connects(self) -> None:
+        self.state = "restarting"  # the user's own FIRMWARE_RESTART
+
+    def can_user_disconnect(self) -> bool:
+        return False  # nothing in Klipper reads like OctoPrint's Disconnect
+
+    def can_start_print(self) -> bool:
+        return self.state == "ready" and not self.print_on
+
+    def start_print(self) -> None:
+        self.print_on = True
+
+    def printing(self) -> bool:
+        return self.state == "ready" and self.print_on
+
+    def pause_or_end_print(self, paused: bool) -> None:
+        self.print_on = paused  # paused still holds the print
+
+    def can_stop(self) -> bool:
+        return self.state == "ready"
+
+    def stop(self) -> None:
+        self.state, self.error = "shutdown", ESTOP  # an emergency stop; M112 reads alike
+
+    def shows_verdict(self) -> bool:
+        return self.error == ESTOP
+
+    def snapshot(self) -> Snapshot:
+        snap = super().snapshot()
+        return replace(
+            snap,
+            state=self.reported(),
+            visible=self.up and not self.closed() and self.state != "restarting",
+            boards_there=self.device is not None and self.toolhead,
+        )
+
+    def client(self, model: DaemonModel) -> HostClient:
+        return ModelKlippy(model)
+
+    def printer(self, settle: float, changed: bool) -> PrinterConfig:
+        moonraker = MoonrakerConfig(url="http://127.0.0.1:7125", timeout=6.0 if changed else 5.0)
+        return PrinterConfig(
+            name=NAME,
+            octoprint=OctoPrintConfig(),
+            vendor_id="1d50",
+            product_id="614e",
+            serial="1A0031",
+            settle=settle,
+            moonraker=moonraker,
         )
 
 
@@ -197,6 +408,60 @@ class ModelOctoPrint:
 
     def reconnect_plugins(self) -> list[tuple[str, str]]:
         return []
+
+    def close(self) -> None:
+        pass
+
+
+class ModelKlippy:
+    """Moonraker's API over the world, answering as Moonraker and Klippy do; read by the
+    real moonraker_state, as the real client reads it."""
+
+    url = "http://127.0.0.1:7125"
+
+    def __init__(self, model: DaemonModel) -> None:
+        self.model = model
+
+    def read(self, *, detail: bool = True) -> ReadResult:
+        world = self.model.world
+        assert isinstance(world, KlippyWorld)
+        world.notice()
+        self.model.read_snapshot = world.snapshot()
+        if not world.up:
+            return Unreachable("connection refused")
+        if world.state == "restarting":
+            return Unreachable(KLIPPY_AWAY)
+        info = {"state": world.reported(), "state_message": world.error or "Printer is ready"}
+        printing = "paused" if world.print_on and world.closed() else "printing"
+        objects = {
+            "print_stats": {"state": printing if world.print_on else "standby"},
+            "configfile": {
+                "settings": {
+                    "mcu": {"serial": MCU_SERIAL},
+                    "mcu toolhead": {"serial": TOOLHEAD_SERIAL},
+                }
+            },
+        }
+
+        def exists(path: str) -> bool:
+            return (path == MCU_SERIAL and world.device is not None) or (
+                path == TOOLHEAD_SERIAL and world.toolhead
+            )
+
+        return view_of(info, objects, exists)
+
+    def act(self, port: str | None, baudrate: int | None, profile: str | None) -> CommandResult:
+        world = self.model.world
+        if not world.up:
+            return Unreachable("connection refused")
+        if world.state == "restarting":
+            return Unreachable(KLIPPY_AWAY)
+        world.state, world.error = "restarting", None
+        world.connects += 1
+        return Accepted()
+
+    def recover(self) -> CommandResult:
+        raise AssertionError("nothing in Klippy is recovered by a disconnect")
 
     def close(self) -> None:
         pass
@@ -314,13 +579,17 @@ class Books:
 class DaemonModel(RuleBasedStateMachine):
     """Everything the world can do, in any order; the promises after every step."""
 
+    world_kind: type[World] = World
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="reconnectd-model-"))
-        self.world = World()
         self.clock = Clock()
+        self.world = self.world_kind()
+        if isinstance(self.world, KlippyWorld):
+            self.world.clock = self.clock
         self.disk_fails = False
-        self.baudrate: int | None = None
+        self.changed = False  # the config as a reload with a change leaves it
         self.read_snapshot: Snapshot | None = None
         self.delivering: Snapshot | None = None
         self.books = Books()
@@ -332,17 +601,10 @@ class DaemonModel(RuleBasedStateMachine):
     # --- the daemon's ends ------------------------------------------------------
 
     def config(self) -> Config:
-        octoprint = OctoPrintConfig(url="http://127.0.0.1:5000", api_key="KEY")
-        printer = PrinterConfig(
-            name=NAME,
-            octoprint=octoprint,
-            vendor_id="2c99",
-            product_id="0002",
-            serial="CZPX1",
-            settle=SETTLE,
-            baudrate=self.baudrate,
+        printer = self.world.printer(SETTLE, self.changed)
+        return Config(
+            source=self.tmp / "reconnectd.toml", octoprint=printer.octoprint, printers=(printer,)
         )
-        return Config(source=self.tmp / "reconnectd.toml", octoprint=octoprint, printers=(printer,))
 
     def write_state(self, path: Path, document: object, mode: int = 0o644) -> None:
         if self.disk_fails:
@@ -360,7 +622,7 @@ class DaemonModel(RuleBasedStateMachine):
         self.daemon = Daemon(
             self.config(),
             source=self.source,
-            api_factory=lambda _: ModelOctoPrint(self),
+            api_factory=lambda _: self.world.client(self),
             notifier=QuietNotifier(),
             reload_config=self.config,
             environ=env,
@@ -370,7 +632,7 @@ class DaemonModel(RuleBasedStateMachine):
             workers=self.workers,
             write_state=self.write_state,
         )
-        self.books = Books(owed=bool(present) and self.world.error != THERMAL)
+        self.books = Books(owed=bool(present) and not self.world.shows_verdict())
         assert self.daemon.start() is None
         self.woke()
 
@@ -397,8 +659,9 @@ class DaemonModel(RuleBasedStateMachine):
             return
         now = self.clock.now
         snap = self.delivering
-        assert snap is not None, "a connect that no reading of OctoPrint led to"
-        assert snap.state == "Closed", f"P3: connect while OctoPrint said {snap.state!r}"
+        assert snap is not None, "a connect that no reading of the host led to"
+        assert snap.closed, f"P3: connect while the host said {snap.state!r}"
+        assert snap.boards_there, "K4: restart while a board Klipper needs is missing"
         assert not snap.fatal_hold or snap.fatal_unseeable, "P5: connect after a firmware stop"
         assert not snap.manual_hold, "P4: connect after the user's Disconnect"
         if self.books.last_event_at is not None:
@@ -414,7 +677,7 @@ class DaemonModel(RuleBasedStateMachine):
         assert self.workers is not None and self.daemon is not None
         while self.workers.ready:
             completed, snap = self.workers.ready.pop(0)
-            if snap is not None and snap.up and snap.state != "Closed":
+            if snap is not None and snap.visible:
                 self.world.unseen_since_return = False
             self.workers.handing_over = [completed]
             self.delivering = snap
@@ -430,9 +693,9 @@ class DaemonModel(RuleBasedStateMachine):
         assert self.daemon is not None
         core = self.daemon.printer_cores[NAME]
         world = self.world
-        if world.state in CONNECTED and core.state in (State.OPERATIONAL, State.BUSY):
+        if world.connected() and core.state in (State.OPERATIONAL, State.BUSY):
             world.daemon_saw_connection = True
-        if world.state in CONNECTED or world.fatal_hold or world.manual_hold:
+        if world.connected() or world.fatal_hold or world.manual_hold:
             self.books.owed = False
         if core.state == State.GAVE_UP:
             self.books.owed = False  # rule 7's documented end for a printer that never answers
@@ -517,24 +780,23 @@ class DaemonModel(RuleBasedStateMachine):
 
     # --- rules: OctoPrint and the user ------------------------------------------
 
-    @precondition(lambda self: self.world.state == "Connecting")
+    @precondition(lambda self: self.world.progressing())
     @rule()
-    def octoprint_finishes_connecting(self) -> None:
-        world = self.world
-        if world.device is not None and world.firmware_ok:
-            world.state = "Operational"
-        else:
-            world.state, world.error = "Closed", None  # a silent printer: no error
+    def the_host_gets_there(self) -> None:
+        """OctoPrint finishes connecting (Operational, or Closed for a silent printer);
+        Klippy comes back from a restart, or notices the MCU it lost."""
+        self.world.progress()
         self.observe()
 
-    @precondition(lambda self: self.world.state == "Closed" and self.world.device is not None)
+    @precondition(lambda self: self.world.can_user_connect())
     @rule()
     def user_connects(self) -> None:
-        self.world.state, self.world.error = "Operational", None
+        """The user clicks Connect (OctoPrint) or sends FIRMWARE_RESTART (Klipper)."""
+        self.world.user_connects()
         self.world.fatal_hold = self.world.manual_hold = self.world.fatal_unseeable = False
         self.observe()
 
-    @precondition(lambda self: self.world.state in CONNECTED)
+    @precondition(lambda self: self.world.can_user_disconnect())
     @rule()
     def user_disconnects(self) -> None:
         world = self.world
@@ -544,20 +806,21 @@ class DaemonModel(RuleBasedStateMachine):
         world.manual_hold = world.daemon_saw_connection
         self.observe()
 
-    @precondition(lambda self: self.world.state == "Operational")
+    @precondition(lambda self: self.world.can_start_print())
     @rule()
     def a_print_starts(self) -> None:
-        self.world.state = "Printing"
+        self.world.start_print()
 
-    @precondition(lambda self: self.world.state in ("Printing", "Paused"))
+    @precondition(lambda self: self.world.printing())
     @rule(paused=st.booleans())
     def a_print_pauses_or_ends(self, paused: bool) -> None:
-        self.world.state = "Paused" if paused and self.world.state == "Printing" else "Operational"
+        self.world.pause_or_end_print(paused)
 
-    @precondition(lambda self: self.world.state in CONNECTED)
+    @precondition(lambda self: self.world.can_stop())
     @rule()
     def firmware_stops_itself(self) -> None:
-        self.world.state, self.world.error = "Closed", THERMAL
+        """A firmware safety stop (OctoPrint), an emergency stop or M112 (Klipper)."""
+        self.world.stop()
         self.world.fatal_hold = True
         self.world.fatal_unseeable = self.world.unseen_since_return
         self.observe()
@@ -574,7 +837,7 @@ class DaemonModel(RuleBasedStateMachine):
     def systemctl_reload(self, changed: bool) -> None:
         assert self.daemon is not None
         if changed:
-            self.baudrate = None if self.baudrate else 250000
+            self.changed = not self.changed
         self.daemon.request_reload()
         self.step()
 
@@ -623,6 +886,8 @@ class DaemonModel(RuleBasedStateMachine):
         assert self.daemon is not None and self.workers is not None
         world = self.world
         world.up = world.listed = world.firmware_ok = True
+        if isinstance(world, KlippyWorld):
+            world.toolhead = True
         self.deliver()
         core = self.daemon.printer_cores[NAME]
         running = 0.0 if core.deadline is None else max(0.0, core.deadline - self.clock.now)
@@ -631,9 +896,9 @@ class DaemonModel(RuleBasedStateMachine):
             while self.workers.pending():
                 self.workers.run_next(self.workers.pending()[0])
                 self.deliver()
-            if world.state == "Connecting":
-                self.octoprint_finishes_connecting()
-            if world.state in CONNECTED or not self.books.owed:
+            while world.progressing():
+                self.the_host_gets_there()
+            if world.connected() or not self.books.owed:
                 break
             deadline = self.daemon.next_deadline()
             if deadline is None or deadline > horizon:
@@ -654,14 +919,51 @@ class DaemonModel(RuleBasedStateMachine):
 
 
 @pytest.fixture(autouse=True)
-def quiet_logs() -> None:
+def quiet_logs() -> Iterator[None]:
     # Thousands of steps each log a decision; the invariants are what is checked here.
-    logging.getLogger("reconnectd").setLevel(logging.CRITICAL)
+    logger = logging.getLogger("reconnectd")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
 
 
-def test_the_model_of_the_rules() -> None:
+class KlipperModel(DaemonModel):
+    """The same rules and promises over Klipper's host."""
+
+    world_kind = KlippyWorld
+
+    @rule(present=st.booleans())
+    def the_toolhead_board(self, present: bool) -> None:
+        """A second MCU's board (a toolhead board) switched on or off on its own: it is
+        not the printer's device, and sends the printer no event."""
+        world = self.world
+        assert isinstance(world, KlippyWorld)
+        world.toolhead = present
+
+
+@pytest.mark.parametrize("model", [DaemonModel, KlipperModel], ids=["octoprint", "klipper"])
+def test_the_model_of_the_rules(model: type[DaemonModel]) -> None:
+    model.TestCase.settings = settings.get_profile(PROFILE)
+    model.TestCase().runTest()
+
+
+@pytest.mark.parametrize("model", [DaemonModel, KlipperModel], ids=["octoprint", "klipper"])
+def test_the_model_is_not_vacuous_a_power_cycle_brings_the_printer_back(
+    model: type[DaemonModel],
+) -> None:
+    # The machinery itself, on the one path every promise rests on: were the world or
+    # the workers broken, the state machine could pass without ever connecting.
+    machine = model()
     try:
-        DaemonModel.TestCase.settings = settings.get_profile(PROFILE)
-        DaemonModel.TestCase().runTest()
+        machine.boot()
+        machine.switch_on("1-1", announced_twice=False)
+        machine.the_world_settles()
+        assert machine.world.connected()
+        assert machine.world.connects == 1
+        machine.switch_off()
+        machine.switch_on("1-2", announced_twice=True)
+        machine.the_world_settles()
+        assert machine.world.connected() and machine.world.connects == 2
     finally:
-        logging.getLogger("reconnectd").setLevel(logging.NOTSET)
+        machine.teardown()
