@@ -184,7 +184,7 @@ class Testbed:
     ) -> Plugged:
         """Given a kind of device, plug one in and return it; raise TestbedError if refused.
 
-        ``kind`` is ``prusa_mk3``, ``ch340``, ``ftdi``, ``mega2560`` or ``gps``;
+        ``kind`` is ``prusa_mk3``, ``ch340``, ``ftdi``, ``mega2560``, ``klipper`` or ``gps``;
         ``serial`` replaces the kind's serial number; ``usb_port`` is the hub
         port (``"1-2"``, or ``"1-1.3"`` behind a hub), one device per port.
         Without ``tty`` the node gets a name never used on this bench

@@ -126,6 +126,26 @@ KINDS: dict[str, Kind] = {
         model_from_database="Mega 2560 R3 (CDC ACM)",
         device_class="02",
     ),
+    # A board running Klipper's own USB stack (src/generic/usb_cdc.c): the
+    # OpenMoko-granted id, CDC ACM, bcdDevice 0x0100, the MCU model as product and
+    # the chip's unique id as serial, so its by-id link reads like a real one:
+    # usb-Klipper_stm32f446xx_<serial>-if00. Klippy itself talks to a Linux-process
+    # MCU instead (tests/support/klipper_stack.py, SimulatedKlipperBoard).
+    "klipper": Kind(
+        vendor_id="1d50",
+        product_id="614e",
+        revision="0100",
+        manufacturer="Klipper",
+        product="stm32f446xx",
+        default_serial="3A0033000851363131363530",
+        tty_prefix="ttyACM",
+        interface_driver="cdc_acm",
+        serial_driver=None,
+        interfaces=":020201:0a0000:",
+        vendor_from_database="OpenMoko, Inc.",
+        model_from_database="Klipper 3d-Printer Firmware",
+        device_class="02",
+    ),
     "gps": Kind(
         vendor_id="1546",
         product_id="01a7",
