@@ -9,7 +9,7 @@ held after it), no connect is sent that the rules forbid (the fakes count every 
 and it recovers when the fault ends (printer ``a``, switched off and on during the
 fault, is connected once, and only then).
 
-Each test also fills its row of the README's fault table with what this run saw.
+Each test also fills its row of the fault table (docs/faults.md) with what this run saw.
 ``RECONNECTD_FAULT_REPORT=PATH pytest tests/test_faults.py`` writes that table to
 PATH as Markdown. The module runs in CI with the rest of the suite (``bash tests/run``),
 in about a minute; ``RECONNECTD_FAULTS_FULL=1`` makes the long form (outages until the

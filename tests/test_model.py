@@ -11,7 +11,7 @@ while a connection exists, an unlisted port refused, "Closed" after every ending
 and a state-file writer the model can make fail. The loop's steps are called the way
 ``Daemon.run`` calls them.
 
-The promises, in the contract's words (README "Behaviour"), checked as invariants:
+The promises, in the contract's words (README "How it decides"), checked as invariants:
 
 - P3  Nothing is sent while OctoPrint is connecting, operational, printing or
       paused: every connect follows a reading of OctoPrint that said "Closed".
@@ -22,7 +22,7 @@ The promises, in the contract's words (README "Behaviour"), checked as invariant
       One window is beyond any reader of OctoPrint's API, and the model exempts it by
       name: after a return, a fatal error that ends a connection someone else made
       before reconnectd saw it (all inside the settle window, say) reads exactly like
-      the old error from before the power cycle (README, "Known limits").
+      the old error from before the power cycle (README, "How it decides").
 - P1  A device that came back is connected ``settle`` seconds after the last event
       for it, not before;
 - P2  and a burst leads to at most one connect: another one only after a failed
@@ -39,7 +39,7 @@ read: never a restart while Klippy is ready or starting (P3, K2); after an emerg
 stop or M112 none until the board comes back (P5, K3); none while another MCU's board
 is missing (K4); and a board that came back to a Klippy that lost it is restarted (K1).
 
-``RECONNECTD_MODEL=soak`` runs many more and longer examples (README, "Development").
+``RECONNECTD_MODEL=soak`` runs many more and longer examples (docs/development.md).
 """
 
 from __future__ import annotations
