@@ -2,7 +2,7 @@
 
 Used only in zero-config (no ``[[printer]]``): then any serial device whose
 vendor/product id is listed here is taken for the printer of the single
-``[octoprint]``. Every id is one we found documented; ``source`` says where, so
+``[octoprint]`` (Klipper's own id: of ``[moonraker]``). Every id is one we found documented; ``source`` says where, so
 that an entry can be checked, and one without a source does not get in.
 
 Why generic USB-serial bridges are in the table: many printers (Creality,
@@ -31,6 +31,8 @@ class Board:
     product_id: str
     name: str
     source: str
+    # Klipper's firmware: its host is Klippy, reached through Moonraker, not OctoPrint.
+    klipper: bool = False
 
 
 _USB_IDS = "usb.ids (linux-usb.org USB ID repository)"
@@ -77,6 +79,15 @@ KNOWN_BOARDS: tuple[Board, ...] = (
         f"{_USB_IDS}: 0483 5740 Virtual COM Port",
     ),
     Board("28c7", "0001", "Ultimaker 3D printer serial interface", f"{_USB_IDS}: 28c7 0001"),
+    # Klipper's own id on every board it runs on (its USB_VENDOR_ID/USB_DEVICE_ID
+    # defaults), whatever the board: the printer is Klipper's, its host Moonraker.
+    Board(
+        "1d50",
+        "614e",
+        "Klipper firmware",
+        f"{_USB_IDS}: 1d50 614e Klipper 3d-Printer Firmware; Klipper src/Kconfig",
+        klipper=True,
+    ),
     # --- generic USB-serial bridges (see the module docstring for the cost) ---
     Board(
         "1a86",

@@ -39,7 +39,8 @@ def stanza_for(device: Device, name: str) -> str:
     """Given a device, return a ``[[printer]]`` stanza a user can paste into the config.
 
     A device without a serial number gets its USB path instead, so that two
-    identical boards (two CH340 printers) get stanzas that tell them apart.
+    identical boards (two CH340 printers) get stanzas that tell them apart. A board
+    running Klipper (its USB id says so) gets ``[printer.moonraker]``.
     """
     lines = ["[[printer]]", f'name = "{name}"']
     if device.vendor_id is not None:
@@ -53,6 +54,10 @@ def stanza_for(device: Device, name: str) -> str:
             lines.append(f'usb_path = "{_toml_escape(usb_path)}"')
     else:
         lines.append(f'port = "{_toml_escape(device.paths[0])}"')
+    board = known_board(device.vendor_id, device.product_id)
+    if board is not None and board.klipper:
+        # Klipper's printer: its host is Klippy, through Moonraker (keys from [moonraker]).
+        lines.append("[printer.moonraker]")
     return "\n".join(lines)
 
 

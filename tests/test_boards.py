@@ -61,3 +61,9 @@ def test_unknown_or_malformed_ids_are_not_boards(vendor: str | None, product: st
 def test_table_covers_the_common_families() -> None:
     vendors = {board.vendor_id for board in KNOWN_BOARDS}
     assert {"2c99", "2341", "2a03", "1a86", "0403", "10c4", "0483", "1d50"} <= vendors
+
+
+def test_klippers_own_id_is_a_klipper_board_and_no_other_is() -> None:
+    board = known_board("1D50", "614E")
+    assert board is not None and board.klipper and board.name == "Klipper firmware"
+    assert [b for b in KNOWN_BOARDS if b.klipper] == [board]

@@ -188,3 +188,24 @@ def test_stanza_escapes_quotes_in_serials() -> None:
         devpath="/d", node="/dev/ttyUSB9", vendor_id="0403", product_id="6001", serial='A"B\\C'
     )
     assert tomllib.loads(stanza_for(odd, "odd"))["printer"][0]["serial"] == 'A"B\\C'
+
+
+def test_a_board_running_klipper_gets_a_moonraker_stanza() -> None:
+    klipper = Device(
+        devpath="/devices/usb1/1-1/1-1:1.0/tty/ttyACM0",
+        node="/dev/ttyACM0",
+        vendor_id="1d50",
+        product_id="614e",
+        serial="3A0033000851363131363530",
+        model="stm32f446xx",
+    )
+    assert stanza_for(klipper, "voron") == (
+        "[[printer]]\n"
+        'name = "voron"\n'
+        'vendor_id = "1d50"\n'
+        'product_id = "614e"\n'
+        'serial = "3A0033000851363131363530"\n'
+        "[printer.moonraker]"
+    )
+    marlin = Device(devpath="/x", node="/dev/ttyACM1", vendor_id="1d50", product_id="6029")
+    assert "[printer.moonraker]" not in stanza_for(marlin, "skr")
