@@ -2,8 +2,9 @@
 
 Used only in zero-config (no ``[[printer]]``): then any serial device whose
 vendor/product id is listed here is taken for the printer of the single
-``[octoprint]`` (Klipper's own id: of ``[moonraker]``). Every id is one we found documented; ``source`` says where, so
-that an entry can be checked, and one without a source does not get in.
+``[octoprint]`` (Klipper's own id: of ``[moonraker]``). Every id is one we found
+documented; ``source`` says where, so that an entry can be checked, and one without a
+source does not get in.
 
 Why generic USB-serial bridges are in the table: many printers (Creality,
 Anycubic, older RAMPS and Melzi boards, Ultimaker Original) have no USB id of

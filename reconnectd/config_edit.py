@@ -35,6 +35,7 @@ from reconnectd.login import (
     service_owner,
     write_temp,
 )
+from reconnectd.urls import shown_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -156,21 +157,22 @@ def find_table(config: ConfigFile, url: str) -> Table | NoTable:
         if isinstance(own, dict) and isinstance(own.get("url"), str) and _same_url(url, own["url"]):
             name = printer.get("name")
             matches.append((index, name if isinstance(name, str) else f"#{index + 1}", own))
+    # Shown with a password in it masked: these are messages, not the file's text.
+    shown = _toml_string(shown_url(url))
     advice = (
         f"in the [printer.octoprint] table of the printer that uses this OctoPrint in {path}"
-        f" (with url = {_toml_string(url)})"
+        f" (with url = {shown})"
     )
     if not matches:
         return NoTable(
-            f"no table of {path} has url = {_toml_string(url)}"
-            f" ([octoprint] has {_toml_string(configured_url(config))})",
+            f"no table of {path} has url = {shown}"
+            f" ([octoprint] has {_toml_string(shown_url(configured_url(config)))})",
             advice,
         )
     if len(matches) > 1:
         names = ", ".join(f'"{name}"' for _, name, _ in matches)
         return NoTable(
-            f"several [printer.octoprint] tables of {path} have url = {_toml_string(url)}"
-            f" (printers {names})",
+            f"several [printer.octoprint] tables of {path} have url = {shown} (printers {names})",
             f"in each of those tables in {path}",
         )
     index, name, own = matches[0]

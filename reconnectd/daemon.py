@@ -65,6 +65,7 @@ from reconnectd.jsonfiles import write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import iso_utc, state_dir, status_path, summary_line
+from reconnectd.urls import shown_url
 from reconnectd.workers import Completed, Job, RequestWorkers
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ class Daemon:
                 self._workers.retire(completed.key)
                 if not isinstance(completed.result, list):
                     self._plugins_checked.discard(completed.request.url)  # a reload asks again
-                _log_reconnect_plugins(completed.request.url, completed.result)
+                _log_reconnect_plugins(shown_url(completed.request.url), completed.result)
                 continue
             printer = self._printers.get(completed.key)
             if printer is None or printer.core is not completed.owner:
@@ -585,7 +586,7 @@ class Daemon:
                 continue  # Klipper: no plugin of its own reconnects
             self._plugins_checked.add(url)
             # No printer name has a space: this thread is never a printer's.
-            key = f"plugins of {url}"
+            key = f"plugins of {shown_url(url)}"
             self._workers.submit(key, self, _PluginCheck(url), api.reconnect_plugins)
 
     def _reload(self) -> None:
@@ -682,7 +683,7 @@ class Daemon:
                     "state": state,
                     "device": core.device.node if core.device else None,
                     # The key names the host: "octoprint" (as always) or "moonraker".
-                    kind: printer.config.host.url,
+                    kind: printer.config.host.shown_url,
                     "decision": core.decision,
                     "reason": core.reason,
                     "at": at,
@@ -703,7 +704,7 @@ class Daemon:
                 "reconnectd %s: %s, so every known printer board is the printer of OctoPrint at %s",
                 __version__,
                 f"no [[printer]] in {config.source}" if config.source else "no config file",
-                config.octoprint.url,
+                config.octoprint.shown_url,
             )
         else:
             log.info(
@@ -734,7 +735,7 @@ class Daemon:
                 log.warning(
                     "%s: no API key for OctoPrint at %s; set api_key_file in the config",
                     printer.name,
-                    printer.octoprint.url,
+                    printer.octoprint.shown_url,
                 )
 
     def close(self) -> None:

@@ -58,7 +58,8 @@ class HostView:
     needs no port chosen (Klipper's config names it) offers none and sets
     ``needs_port`` False. ``waiting_for`` says why acting must wait although the host
     is closed (a second MCU's board still off). ``lost_print`` names the print an MCU
-    loss cut off, for the journal.
+    loss cut off, for the journal. ``profiles`` are the ids of the printer profiles the
+    host offers (OctoPrint), ``profile_names`` their names in the same order.
     """
 
     state: str
@@ -73,6 +74,7 @@ class HostView:
     baudrate_preference: int | None = None
     profile_preference: str | None = None
     profiles: tuple[str, ...] = ()
+    profile_names: tuple[str, ...] = ()
     waiting_for: str | None = None
     lost_print: str | None = None
 

@@ -15,7 +15,9 @@ What every request to a printer host needs, in one place:
   (OctoPrint 1.9 drops them without a FIN) sent once more on a new connection, with a
   connection per request from then on;
 * the API key in one header and nowhere else: every text that reaches a log or a
-  reason is scrubbed of it, and of a password in the URL.
+  reason is scrubbed of it, and of a password in the URL (which requests sends as
+  ``Authorization: Basic``); a reason shows the URL as :func:`~reconnectd.urls.shown_url`
+  does.
 
 The statuses a host answers with mean different things to each host: each client maps
 them (``octoprint_api``, ``moonraker_api``).
@@ -35,6 +37,7 @@ import requests
 import urllib3
 
 from reconnectd.host import Unreachable
+from reconnectd.urls import shown_url, url_password
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class Transport:
             self.session.headers[key_header] = key
         # Kept only to scrub them from texts that come from elsewhere (exception
         # messages, a host's answers), should any ever echo them.
-        self._secrets = [s for s in (key, _url_password(url)) if s]
+        self._secrets = [s for s in (key, *url_password(url)) if s]
 
     def request(
         self,
@@ -131,7 +134,9 @@ class Transport:
 
     def unreachable(self, method: str, path: str, what: str) -> Unreachable:
         """Given what went wrong with a request, return it as :class:`Unreachable`."""
-        reason = self.scrub(f"{what} ({method} {shown_url(self.url)}{path})")
+        # Only the text from elsewhere is scrubbed: a short password must not garble
+        # the URL shown after it, which is masked already.
+        reason = f"{self.scrub(what)} ({method} {shown_url(self.url)}{path})"
         log.debug("%s %s: unreachable: %s", method, path, reason)
         return Unreachable(reason)
 
@@ -163,17 +168,6 @@ class Transport:
             # $REQUESTS_CA_BUNDLE, which would silently replace ca_file.
             verify=self._verify,
         )
-
-
-def shown_url(url: str) -> str:
-    """Given a URL, return it as it may be shown: a password in it masked
-    (``http://user:***@host``); the URL need not parse."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
-def _url_password(url: str) -> str | None:
-    match = re.search(r"//[^/@:]*:([^/@]*)@", url)
-    return match.group(1) if match and match.group(1) else None
 
 
 def message_of(answer: requests.Response, key: str = "error") -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import http.cookiejar
+import json
 import os
 import pwd
 import re
@@ -44,13 +45,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, Union
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 
-from reconnectd.config import DEFAULT_URL, is_octoprint_url
+from reconnectd.config import DEFAULT_URL
 from reconnectd.http_transport import USER_AGENT, connection_failure
 from reconnectd.jsonfiles import fsync_directory
+from reconnectd.urls import instance_of, shown_url, url_problem
 
 APP_NAME = "reconnectd"
 # The user the service runs as: it must be able to read the key file.
@@ -121,10 +123,14 @@ LoginResult = Union[Granted, LoginFailed]
 
 
 def check_url(url: str) -> str | None:
-    """Given a URL from the command line, return what is wrong with it, or None."""
-    if is_octoprint_url(url):
+    """Given a URL from the command line or the config, return what is wrong with it
+    (as the config's checks say it, the URL shown with its password masked), or None."""
+    problem = url_problem(url, DEFAULT_URL)
+    if problem is None:
         return None
-    return f'expected an http:// or https:// URL with a host like "{DEFAULT_URL}"'
+    if problem.startswith("expected"):
+        return problem
+    return f"{problem}, got {json.dumps(shown_url(url), ensure_ascii=False)}"
 
 
 def request_api_key(
@@ -159,18 +165,19 @@ def request_api_key(
 
 
 def _workflow(send: _Client, base: str, out: TextIO, user: str | None, pace: Pacing) -> LoginResult:
+    shown = shown_url(base)  # a password in the URL is never printed
     probe = send("GET", base + PROBE_PATH)
     if isinstance(probe, str):
-        return LoginFailed(Failure.UNREACHABLE, f"cannot reach OctoPrint at {base}: {probe}")
+        return LoginFailed(Failure.UNREACHABLE, f"cannot reach OctoPrint at {shown}: {probe}")
     if probe.status_code >= 500:
         return LoginFailed(
             Failure.UNREACHABLE,
-            f"OctoPrint at {base} answered HTTP {probe.status_code} (is it still starting?)",
+            f"OctoPrint at {shown} answered HTTP {probe.status_code} (is it still starting?)",
         )
     if probe.status_code != 204:
         return LoginFailed(
             Failure.NO_WORKFLOW,
-            f"OctoPrint at {base} does not offer the Application Keys workflow"
+            f"OctoPrint at {shown} does not offer the Application Keys workflow"
             f" (GET {PROBE_PATH} answered HTTP {probe.status_code}, not 204)",
         )
 
@@ -179,22 +186,22 @@ def _workflow(send: _Client, base: str, out: TextIO, user: str | None, pace: Pac
         body["user"] = user
     answer = send("POST", base + REQUEST_PATH, body)
     if isinstance(answer, str):
-        return LoginFailed(Failure.UNREACHABLE, f"cannot reach OctoPrint at {base}: {answer}")
+        return LoginFailed(Failure.UNREACHABLE, f"cannot reach OctoPrint at {shown}: {answer}")
     status = answer.status_code
     if status == 429:
         return LoginFailed(
             Failure.REFUSED,
-            f"OctoPrint at {base} refuses more key requests for now (it takes 3 a minute,"
+            f"OctoPrint at {shown} refuses more key requests for now (it takes 3 a minute,"
             " 5 in ten minutes and 10 an hour); try again in a few minutes",
         )
     if status >= 500:
         return LoginFailed(
-            Failure.UNREACHABLE, f"OctoPrint at {base} answered HTTP {status} to the key request"
+            Failure.UNREACHABLE, f"OctoPrint at {shown} answered HTTP {status} to the key request"
         )
     if status == 404:
         return LoginFailed(
             Failure.NO_WORKFLOW,
-            f"OctoPrint at {base} does not offer the Application Keys workflow"
+            f"OctoPrint at {shown} does not offer the Application Keys workflow"
             f" (POST {REQUEST_PATH} answered HTTP 404)",
         )
     poll_url = _poll_url(answer, base) if status == 201 else None
@@ -202,12 +209,12 @@ def _workflow(send: _Client, base: str, out: TextIO, user: str | None, pace: Pac
         detail = _message_of(answer)
         return LoginFailed(
             Failure.REFUSED,
-            f"OctoPrint at {base} refused the key request: HTTP {status}"
+            f"OctoPrint at {shown} refused the key request: HTTP {status}"
             + (f": {detail}" if detail else ""),
         )
 
     whom = f'logged in as "{user}"' if user else "logged in as a user who may control the printer"
-    print(f"Open OctoPrint at {base} in a browser, {whom}:", file=out)
+    print(f"Open OctoPrint at {shown} in a browser, {whom}:", file=out)
     print(
         f'it asks whether "{APP_NAME}" may access it ("Access Request"). Click Allow.',
         file=out,
@@ -219,6 +226,7 @@ def _workflow(send: _Client, base: str, out: TextIO, user: str | None, pace: Pac
 def _await_decision(
     send: _Client, base: str, poll_url: str, out: TextIO, pace: Pacing
 ) -> LoginResult:
+    shown = shown_url(base)
     deadline = pace.clock() + pace.timeout
     progress = _Progress(out, deadline)
     try:
@@ -227,7 +235,7 @@ def _await_decision(
             if isinstance(answer, str):
                 return LoginFailed(
                     Failure.UNREACHABLE,
-                    f"lost OctoPrint at {base} while waiting for the decision: {answer}",
+                    f"lost OctoPrint at {shown} while waiting for the decision: {answer}",
                 )
             status = answer.status_code
             if status == 200:
@@ -235,7 +243,7 @@ def _await_decision(
                 if key is None:
                     return LoginFailed(
                         Failure.REFUSED,
-                        f"OctoPrint at {base} approved the request but sent no usable key",
+                        f"OctoPrint at {shown} approved the request but sent no usable key",
                     )
                 progress.finish("approved.")
                 return Granted(key)
@@ -243,13 +251,13 @@ def _await_decision(
                 progress.finish("denied.")
                 return LoginFailed(
                     Failure.DENIED,
-                    f"the request was denied in OctoPrint at {base} (or OctoPrint dropped it:"
+                    f"the request was denied in OctoPrint at {shown} (or OctoPrint dropped it:"
                     " it forgets a request after 10 minutes, and when it restarts)",
                 )
             if status != 202:
                 what = Failure.UNREACHABLE if status >= 500 else Failure.REFUSED
                 return LoginFailed(
-                    what, f"OctoPrint at {base} answered HTTP {status} while waiting"
+                    what, f"OctoPrint at {shown} answered HTTP {status} while waiting"
                 )
             now = pace.clock()
             if now >= deadline:
@@ -300,7 +308,7 @@ class _Client:
 def _poll_url(answer: requests.Response, base: str) -> str | None:
     location = answer.headers.get("Location")
     if location:
-        return urljoin(base + REQUEST_PATH, location)
+        return _with_credentials(urljoin(base + REQUEST_PATH, location), base)
     # OctoPrint always sends Location; the token in the body is the same endpoint.
     try:
         token = answer.json().get("app_token")
@@ -309,6 +317,24 @@ def _poll_url(answer: requests.Response, base: str) -> str | None:
     if isinstance(token, str) and re.fullmatch(r"[A-Za-z0-9_-]+", token):
         return f"{base}{REQUEST_PATH}/{token}"
     return None
+
+
+def _with_credentials(url: str, base: str) -> str:
+    """Given the URL OctoPrint says to poll and the one it was reached at, return the
+    poll URL with the user name and password of ``base`` when both name one server.
+
+    OctoPrint writes an absolute ``Location`` without them (its own idea of its URL),
+    and the proxy in front of it would answer every poll 401; any other server is not
+    given them.
+    """
+    poll, reached = urlsplit(url), urlsplit(base)
+    if "@" in poll.netloc or "@" not in reached.netloc:
+        return url
+    if instance_of(f"{poll.scheme}://{poll.netloc}") != instance_of(
+        f"{reached.scheme}://{reached.netloc}"
+    ):
+        return url
+    return urlunsplit(poll._replace(netloc=reached.netloc))
 
 
 def _key_of(answer: requests.Response) -> str | None:

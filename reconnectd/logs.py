@@ -11,8 +11,9 @@ separate entry at the default priority, apart from the error it belongs to.
 
 Secrets registered with :func:`redact` are replaced with ``***`` in every line
 written here, whatever way they got into it (a ``%`` argument, an exception
-message, a URL). The code should never log a key in the first place; this is the
-net under it.
+message, a URL), and so is the password of every URL in a line
+(``http://user:***@host``, :func:`reconnectd.urls.mask_urls`). The code should never
+log a key or a password in the first place; this is the net under it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import sys
 from collections.abc import Mapping
 from typing import TextIO
+
+from reconnectd.urls import mask_urls
 
 REDACTED = "***"
 
@@ -56,11 +59,12 @@ def redact(secret: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """Given any text, return it with every registered secret replaced by ``***``."""
+    """Given any text, return it with every registered secret replaced by ``***`` and
+    the password of every URL in it masked."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    return text
+    return mask_urls(text)
 
 
 def syslog_priority(levelno: int) -> int:
@@ -92,15 +96,14 @@ def is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces registered secrets in a record's message, traceback and stack.
+    """Replaces registered secrets and URL passwords in a record's message, traceback
+    and stack.
 
     It rewrites the record itself, so that handlers after ours in the chain do not
     see the secret either (handlers before it, such as pytest's, still do).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _secrets:
-            return True
         try:
             message = record.getMessage()
         except Exception:

@@ -27,6 +27,7 @@ import requests
 from reconnectd.host import Accepted, CommandResult, ReadResult, Refused, Unreachable
 from reconnectd.http_transport import Transport, message_of
 from reconnectd.moonraker_state import ERROR, SHUTDOWN, view_of
+from reconnectd.urls import shown_url
 
 KEY_HEADER = "X-Api-Key"
 KEY_REJECTED = "API key rejected (Moonraker answers 401: set api_key_file, or trust this host)"
@@ -55,7 +56,7 @@ class MoonrakerApi:
         self._exists = exists
 
     def __repr__(self) -> str:
-        return f"MoonrakerApi({self._http.url!r}, timeout={self._http.timeout:g})"
+        return f"MoonrakerApi({shown_url(self._http.url)!r}, timeout={self._http.timeout:g})"
 
     @property
     def url(self) -> str:

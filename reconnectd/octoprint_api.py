@@ -33,6 +33,7 @@ from reconnectd.host import (
 )
 from reconnectd.http_transport import Transport, message_of
 from reconnectd.octoprint_state import error_of, octoprint_view, phase_of, reconnect_plugins
+from reconnectd.urls import shown_url
 
 KEY_HEADER = "X-Api-Key"
 KEY_REJECTED = "API key rejected or lacking permission"
@@ -64,7 +65,7 @@ class OctoPrintApi:
         )
 
     def __repr__(self) -> str:
-        return f"OctoPrintApi({self._http.url!r}, timeout={self._http.timeout:g})"
+        return f"OctoPrintApi({shown_url(self._http.url)!r}, timeout={self._http.timeout:g})"
 
     @property
     def url(self) -> str:
@@ -211,6 +212,7 @@ def _view(connection: dict[str, Any], job: dict[str, Any]) -> HostView:
         raise _WrongShape(f"{where}: ports is not a list of text")
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in baudrates):
         raise _WrongShape(f"{where}: baudrates is not a list of numbers")
+    profiles = _profiles(_optional(options, "printerProfiles", list, where))
     error = _optional(job, "error", str, "/api/job")
     if phase_of(state) == Phase.CLOSED:
         # OctoPrint 2.0 says "Offline after error" here without the error's text.
@@ -224,7 +226,21 @@ def _view(connection: dict[str, Any], job: dict[str, Any]) -> HostView:
         port_preference=_optional(options, "portPreference", str, where),
         baudrate_preference=_optional(options, "baudratePreference", int, where),
         profile_preference=_optional(options, "printerProfilePreference", str, where),
+        profiles=tuple(identifier for identifier, _ in profiles),
+        profile_names=tuple(name for _, name in profiles),
     )
+
+
+def _profiles(listed: list[Any] | None) -> list[tuple[str, str]]:
+    """Given ``options.printerProfiles`` (``[{"id": ..., "name": ...}]``), return the
+    profiles as (id, name); an entry without a text id is left out, a missing name is
+    the id. Only ``check --online`` reads them, so an odd entry is no reason to fail."""
+    profiles = []
+    for entry in listed or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            name = entry.get("name")
+            profiles.append((entry["id"], name if isinstance(name, str) else entry["id"]))
+    return profiles
 
 
 def _field(body: dict[str, Any], key: str, kind: type[Any], where: str) -> Any:

@@ -169,6 +169,19 @@ def test_a_url_no_table_has_leaves_the_config_alone(tmp_path: Path) -> None:
     assert path.read_text() == text
 
 
+def test_messages_show_urls_with_the_password_masked(tmp_path: Path) -> None:
+    text = '[octoprint]\nurl = "http://proxy:Secr3t@127.0.0.1:5000"\n'
+    path = write_config(tmp_path, text)
+    table = find_table(read_config(path), "http://proxy:0ther@127.0.0.1:5001")
+    assert isinstance(table, NoTable)
+    assert table.reason == (
+        f'no table of {path} has url = "http://proxy:***@127.0.0.1:5001"'
+        ' ([octoprint] has "http://proxy:***@127.0.0.1:5000")'
+    )
+    assert table.advice.endswith('(with url = "http://proxy:***@127.0.0.1:5001")')
+    assert path.read_text() == text
+
+
 def test_several_tables_with_the_url_leave_the_config_alone(tmp_path: Path) -> None:
     text = "".join(
         f'[[printer]]\nname = "{name}"\nvendor_id = "1a86"\n[printer.octoprint]\nurl = "{ENDER}"\n'

@@ -11,6 +11,7 @@ of our own answers as OctoPrint would.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import pwd
@@ -50,6 +51,8 @@ from reconnectd.login import (
 )
 from tests.support.octoprint_instance import OctoPrintInstance, free_port, octoprint_bin
 from tests.support.real import missing
+from tests.support.scripted_octoprint import Answer as ScriptedAnswer
+from tests.support.scripted_octoprint import ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "Ab3dE5gH1jK2mN4pQ6rS8tU0vW9xY7zA1bC3dE5fG7h"
@@ -592,6 +595,102 @@ def test_an_unwritable_key_file_is_refused_before_asking(
         f'reconnectd login: cannot write the key to "{key_file}":'
         f" {tmp_path / 'file'} is not a directory\n"
     )
+
+
+# -- a user name and password in the URL (basic auth in front of OctoPrint) -------------
+
+PASSWORD = "Pr0xy-pa55word"
+
+
+def test_the_url_password_is_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://proxy:{PASSWORD}@127.0.0.1:{free_port()}"
+    argv = ["--config", str(tmp_path / "reconnectd.toml"), "login", "--url", url]
+    assert main(argv, {}) == EXIT_UNAVAILABLE
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "reconnectd login: cannot reach OctoPrint at"
+        f" {url.replace(PASSWORD, '***')}: connection refused\n"
+    )
+    assert PASSWORD not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            f"http://:{PASSWORD}@127.0.0.1:5000",
+            'the user name before ":" is empty; HTTP basic auth needs one,'
+            ' got "http://:***@127.0.0.1:5000"',
+        ),
+        (
+            f"http://proxy:{PASSWORD}%E2%82%AC@127.0.0.1:5000",
+            "the password holds a character outside Latin-1, which requests cannot send in"
+            ' HTTP basic auth, got "http://proxy:***@127.0.0.1:5000"',
+        ),
+    ],
+)
+def test_a_url_whose_credentials_basic_auth_cannot_carry_is_a_usage_error(
+    url: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--config", str(tmp_path / "c.toml"), "login", "--url", url]
+    assert main(argv, {}) == EXIT_USAGE
+    assert capsys.readouterr().err == f"reconnectd login: --url: {problem}\n"
+
+
+def test_the_configs_url_with_unusable_credentials_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, f'[octoprint]\nurl = "http://proxy:{PASSWORD}%zz@h"\n')
+    assert main(["--config", str(config), "login"], {}) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f'{config}: octoprint.url: the password has an invalid percent-escape: "%" must be'
+        ' followed by two hex digits (a "%" itself is written %25), got "http://proxy:***@h"\n'
+        "Fix the file, or name OctoPrint with --url.\n"
+    )
+
+
+def test_every_request_carries_the_urls_credentials_also_to_the_absolute_poll_url(
+    server: ScriptedServer,
+) -> None:
+    """OctoPrint answers the key request with an absolute Location of its own, without
+    the user name and password: the proxy in front would refuse every poll."""
+    server.answer("GET", login.PROBE_PATH, ScriptedAnswer(204))
+    poll = f"{login.REQUEST_PATH}/T0KEN"
+    server.answer(
+        "POST",
+        login.REQUEST_PATH,
+        ScriptedAnswer(201, {"app_token": "T0KEN"}, headers={"Location": server.url + poll}),
+    )
+    server.answer("GET", poll, ScriptedAnswer(200, {"api_key": KEY}))
+    url = server.url.replace("http://", f"http://proxy:{PASSWORD}@")
+    out = io.StringIO()
+    assert request_api_key(url, out, pacing=Pacing(clock=FakeClock().clock)) == Granted(KEY)
+    basic = "Basic " + base64.b64encode(f"proxy:{PASSWORD}".encode()).decode()
+    assert [(s.method, s.path, s.headers.get("Authorization")) for s in server.script.seen] == [
+        ("GET", login.PROBE_PATH, basic),
+        ("POST", login.REQUEST_PATH, basic),
+        ("GET", poll, basic),
+    ]
+    assert PASSWORD not in out.getvalue()
+    assert f"Open OctoPrint at {url.replace(PASSWORD, '***')} in a browser" in out.getvalue()
+
+
+def test_a_poll_url_on_another_server_gets_no_credentials(server: ScriptedServer) -> None:
+    server.answer("GET", login.PROBE_PATH, ScriptedAnswer(204))
+    elsewhere = f"http://localhost:{server.url.rsplit(':', 1)[1]}{login.REQUEST_PATH}/T0KEN"
+    server.answer("POST", login.REQUEST_PATH, ScriptedAnswer(201, headers={"Location": elsewhere}))
+    server.answer("GET", f"{login.REQUEST_PATH}/T0KEN", ScriptedAnswer(200, {"api_key": KEY}))
+    url = server.url.replace("http://", f"http://proxy:{PASSWORD}@")
+    assert request_api_key(url, io.StringIO(), pacing=Pacing(clock=FakeClock().clock)) == Granted(
+        KEY
+    )
+    assert [s.headers.get("Authorization") is not None for s in server.script.seen] == [
+        True,
+        True,
+        False,
+    ]
 
 
 # -- the key file ------------------------------------------------------------------

@@ -176,6 +176,59 @@ def test_secret_as_argument_and_in_exception_is_redacted(
     assert "<3>  RuntimeError: 401 for X-Api-Key: ***" in text
 
 
+class _Recorder(logging.Handler):
+    """A handler after ours in the chain: it sees the records as our filter left them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_url_password_is_masked_in_every_line_without_being_registered(
+    journal_file: tuple[TextIO, dict[str, str]],
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    url = f"http://proxy:{password}@octopi.local:5000"
+    stream, environ = journal_file
+    setup_logging(verbose=True, environ=environ, stream=stream)
+    later = _Recorder()
+    logging.getLogger().addHandler(later)
+    log.warning("%s: no API key for OctoPrint at %s; set api_key_file", "mk3s", url)
+    log.debug("OctoPrint at %s runs no reconnect plugin", url)
+    try:
+        _raise(f"cannot reach {url}/api/job")
+    except RuntimeError:
+        log.exception("plugins of %s", url)
+    text = "\n".join(_written(stream))
+    assert password not in text
+    shown = "http://proxy:***@octopi.local:5000"
+    assert f"<4>mk3s: no API key for OctoPrint at {shown}; set api_key_file" in text
+    assert f"<7>OctoPrint at {shown} runs no reconnect plugin" in text
+    assert f"<3>plugins of {shown}" in text
+    assert f"<3>  RuntimeError: cannot reach {shown}/api/job" in text
+    assert later.messages[:2] == [
+        f"mk3s: no API key for OctoPrint at {shown}; set api_key_file",
+        f"OctoPrint at {shown} runs no reconnect plugin",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("GET http://u:pw@h:5000/api (x)", "GET http://u:***@h:5000/api (x)"),
+        ("'https://u:p/w@h' and http://v:q@k", "'https://u:***@h' and http://v:***@k"),
+        ("a token: http://T0KEN@h/", "a token: http://***@h/"),
+        ("mail root@example.com about http://h:5000", "mail root@example.com about http://h:5000"),
+        ("no URL at all", "no URL at all"),
+    ],
+)
+def test_scrub_masks_url_passwords_in_any_text(text: str, shown: str) -> None:
+    assert scrub(text) == shown
+
+
 def test_blank_secret_is_ignored() -> None:
     redact("")
     redact("   ")

@@ -9,6 +9,7 @@ expects (``phase_of``, ``classify_error``): a change in OctoPrint shows up here.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -58,6 +59,8 @@ def test_read_builds_the_view(server: ScriptedServer, api: OctoPrintApi) -> None
         port_preference="/dev/ttyACM0",
         baudrate_preference=115200,
         profile_preference="_default",
+        profiles=("_default",),
+        profile_names=("Default",),
     )
     assert [(s.method, s.path) for s in server.script.seen] == [
         ("GET", "/api/connection"),
@@ -359,6 +362,92 @@ def test_key_never_appears(server: ScriptedServer, caplog: pytest.LogCaptureFixt
     assert_no_key(*results)
     assert KEY not in caplog.text
     assert any(isinstance(r, Refused) and "***" in r.reason for r in results)
+
+
+def test_read_gives_the_printer_profiles_and_skips_odd_entries(
+    server: ScriptedServer, api: OctoPrintApi
+) -> None:
+    connection = json.loads(json.dumps(CONNECTION))
+    connection["options"]["printerProfiles"] = [
+        {"id": "_default", "name": "Default"},
+        {"id": "mk4", "name": "Original Prusa MK4"},
+        {"id": 5, "name": "no text id"},
+        "not an object",
+        {"id": "nameless"},
+    ]
+    serve_state(server, connection)
+    view = api.read()
+    assert isinstance(view, HostView)
+    assert view.profiles == ("_default", "mk4", "nameless")
+    assert view.profile_names == ("Default", "Original Prusa MK4", "nameless")
+
+
+# -- a user name and password in the URL (basic auth in front of OctoPrint) --------
+
+PASSWORD = "Pr0xy-pa55word"
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "user", "password"),
+    [
+        pytest.param(f"proxy:{PASSWORD}", "proxy", PASSWORD, id="plain"),
+        pytest.param(f"j%C3%BCrgen:{PASSWORD}%2F%40", "jürgen", f"{PASSWORD}/@", id="escaped"),
+        pytest.param("proxy:", "proxy", "", id="empty-password"),
+    ],
+)
+def test_url_credentials_reach_the_server_as_basic_auth(
+    server: ScriptedServer, userinfo: str, user: str, password: str
+) -> None:
+    """The session ignores the environment (trust_env off): the URL's credentials
+    must still be sent, as requests' get_auth_from_url reads them, in Latin-1."""
+    serve_state(server)
+    api = OctoPrintApi(server.url.replace("http://", f"http://{userinfo}@"), KEY, 1)
+    assert isinstance(api.read(), HostView)
+    assert isinstance(api.connect("/dev/ttyACM0", None, None), Unreachable)  # 404 here
+    api.close()
+    basic = base64.b64encode(f"{user}:{password}".encode("latin-1")).decode()
+    assert [(s.method, s.headers.get("Authorization")) for s in server.script.seen] == [
+        ("GET", f"Basic {basic}"),
+        ("GET", f"Basic {basic}"),
+        ("POST", f"Basic {basic}"),
+    ]
+    assert all(s.headers["X-Api-Key"] == KEY for s in server.script.seen)
+    assert all("@" not in s.path for s in server.script.seen)
+
+
+def test_url_password_never_appears(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = server.url.replace("http://", f"http://proxy:{PASSWORD}@")
+    api = OctoPrintApi(url, KEY, 0.3)
+    results: list[object] = [api]
+    server.answer("POST", "/api/connection", Answer(400, {"error": f"wrong {PASSWORD}"}))
+    results.append(api.connect("/dev/ttyACM0", None, None))
+    for answer in (
+        Answer(401, b"<h1>401 Authorization Required</h1>", "text/html"),
+        Answer(500, PASSWORD.encode(), "text/plain"),
+        Answer(200, b"<html>a login page</html>", "text/html"),
+        Answer(200, [PASSWORD]),
+        Answer(200, CONNECTION, delay=1),
+    ):
+        server.answer("GET", "/api/connection", answer)
+        results.append(api.read())
+    api.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results.append(OctoPrintApi(f"http://proxy:{PASSWORD}@127.0.0.1:{port}", KEY, 0.3).read())
+    texts = [repr(r) for r in results]
+    assert all(PASSWORD not in text for text in texts), texts
+    assert PASSWORD not in caplog.text
+    # Every reason names the URL it was about, the password masked.
+    unreachable = [r for r in results if isinstance(r, Unreachable)]
+    assert len(unreachable) == 6
+    assert all("http://proxy:***@127.0.0.1:" in r.reason for r in unreachable), unreachable
+    port = server.url.rsplit(":", 1)[1]
+    assert texts[0] == f"OctoPrintApi('http://proxy:***@127.0.0.1:{port}', timeout=0.3)"
+    assert results[1] == Refused(400, "wrong ***")
 
 
 # -- TLS failures as urllib3 1.x reports them -------------------------------------
@@ -706,3 +795,12 @@ def test_real_octoprint_down_then_back(rig: Rig) -> None:
     finally:
         rig.octoprint.start()
     assert read_view(rig.api).state == "Closed"
+
+
+def test_a_short_password_does_not_garble_the_url_in_a_reason(server: ScriptedServer) -> None:
+    server.answer("GET", "/api/connection", Answer(502, b"bad gateway 1", "text/plain"))
+    api = OctoPrintApi(server.url.replace("http://", "http://proxy:1@"), KEY, 1)
+    result = api.read()
+    api.close()
+    shown = server.url.replace("http://", "http://proxy:***@")
+    assert result == Unreachable(f"HTTP 502 (GET {shown}/api/connection)")
