@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from reconnectd import __version__, logs
 from reconnectd.boards import known_board
@@ -21,6 +21,7 @@ from reconnectd.config import (
     PrinterConfig,
     config_path,
     load_config,
+    missing_keys,
 )
 from reconnectd.daemon import Daemon
 from reconnectd.devices import Device
@@ -32,6 +33,7 @@ from reconnectd.static_nodes import SYS_ROOT, node_device
 from reconnectd.status import StatusUnavailable, load_status, render_table, status_path
 from reconnectd.systemd import Notifier
 from reconnectd.udev import UdevWatcher, list_serial_devices
+from reconnectd.urls import mask_urls
 
 # Exit codes (sysexits.h), promised in the contract.
 EXIT_OK = 0
@@ -97,7 +99,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     if command == "check":
-        return _check(config, args.online, sys.stdout)
+        path, _ = config_path(args.config, env)
+        return _check(config, path, args.online, sys.stdout)
     if command == "devices":
         return _devices(config, args.json, sys.stdout)
     return _run(config, args, env)
@@ -136,14 +139,21 @@ def _octoprints(config: Config) -> list[OctoPrintConfig]:
     return seen
 
 
-def _check(config: Config, online: bool, out: TextIO) -> int:
+def _check(config: Config, path: Path, online: bool, out: TextIO) -> int:
     from reconnectd import online_check  # not the daemon's: see _login
 
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    # Not an error to the daemon, which starts and warns: but a set-up whose
+    # OctoPrint refuses every request is not one to call OK.
+    problems = missing_keys(config, path)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     source = config.source or "no config file (zero-config defaults)"
     names = ", ".join(p.name for p in config.printers) or "none"
     print(f"config OK: {source}; printers: {names}", file=out)
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     if not online:
         return EXIT_OK
     try:
@@ -231,6 +241,8 @@ def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:
     except StatusUnavailable as error:
         print(f"reconnectd status: {error}", file=sys.stderr)
         return EXIT_NOT_RUNNING if error.not_running else EXIT_STATUS_INVALID
+    # A status file written before URLs were shown masked may hold a password.
+    document = _masked(document)
     if as_json:
         json.dump(document, out, indent=2)
         out.write("\n")
@@ -238,6 +250,17 @@ def _status(as_json: bool, environ: Mapping[str, str], out: TextIO) -> int:
         table = render_table(document)
         out.write(table if table.endswith("\n") else table + "\n")
     return EXIT_OK
+
+
+def _masked(value: Any) -> Any:
+    """Given a value read from JSON, return it with a password in any URL in it masked."""
+    if isinstance(value, str):
+        return mask_urls(value)
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    return value
 
 
 def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
@@ -266,6 +289,11 @@ def _login(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, er
             print("Fix the file, or name OctoPrint with --url.", file=err)
             return EXIT_CONFIG
         url = config_edit.configured_url(config)
+        problem = login.check_url(url)
+        if problem is not None:
+            print(f"{path}: octoprint.url: {problem}", file=err)
+            print("Fix the file, or name OctoPrint with --url.", file=err)
+            return EXIT_CONFIG
     else:
         problem = login.check_url(args.url)
         if problem is not None:

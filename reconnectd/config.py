@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
-from reconnectd.devices import normalize_usb_id
+from reconnectd.devices import normalize_usb_id, udev_serial
+from reconnectd.urls import instance_of, shown_url, url_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,6 +63,13 @@ POLL_MIN = 5.0
 # A day: longer is pointless for a fallback check, and a huge value would
 # overflow the select() timeout computed from it.
 POLL_MAX = 86400.0
+# A serial port's plausible speeds, in bits per second. 300 is the slowest rate a
+# terminal program still offers; 4,000,000 is the fastest that Linux's termios names
+# (B4000000), far above what any printer firmware runs (Marlin 115200 or 250000,
+# Klipper and RepRapFirmware up to 1,000,000 or 2,000,000). Outside these, the number
+# is a typo (a missing or extra digit), not a speed.
+BAUDRATE_MIN = 300
+BAUDRATE_MAX = 4_000_000
 # An API key is 32-43 characters; anything this large is the wrong file.
 KEY_FILE_MAX_BYTES = 4096
 # Where systemd puts the files of LoadCredential=NAME:PATH, one per NAME.
@@ -95,6 +102,11 @@ class OctoPrintConfig:
     api_key_credential: str | None = None
     ca_file: Path | None = None
 
+    @property
+    def shown_url(self) -> str:
+        """The URL as every message, log line and status shows it: a password masked."""
+        return shown_url(self.url)
+
 
 @dataclass(frozen=True)
 class MoonrakerConfig:
@@ -110,6 +122,11 @@ class MoonrakerConfig:
     timeout: float = 5.0
     api_key_credential: str | None = None
     ca_file: Path | None = None
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as every message, log line and status shows it: a password masked."""
+        return shown_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -229,33 +246,16 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
             [f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"]
         ) from None
     config = parse_config(text, path, env)
-    if _holds_inline_key(config):
+    held = _inline_secrets(config)
+    if held:
         exposed = exposure(path, status, os.geteuid(), os.getegid())
         if exposed is not None:
             who, fix = exposed
-            warning = (
-                f"{path}: holds an inline api_key and is readable by {who};"
-                f" run: {fix} (or move the key to api_key_file)"
-            )
+            warning = f"{path}: holds {' and '.join(held)} and is readable by {who}; run: {fix}"
+            if "an inline api_key" in held:
+                warning += " (or move the key to api_key_file)"
             config = dataclasses.replace(config, warnings=(warning, *config.warnings))
     return config
-
-
-def is_octoprint_url(url: str) -> bool:
-    """Given a URL, return whether it can name an OctoPrint: http(s), a host, no query."""
-    try:
-        parts = urlsplit(url)
-        # .port raises ValueError for a port that is not a number in 1-65535.
-        return (
-            parts.scheme.lower() in ("http", "https")
-            and bool(parts.hostname)
-            and (parts.port is None or parts.port > 0)
-            and not parts.query
-            and not parts.fragment
-            and not any(c.isspace() or not c.isprintable() for c in url)
-        )
-    except ValueError:
-        return False
 
 
 def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -279,6 +279,36 @@ def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = No
         what = "an integer has too many digits" if "digits" in str(exc) else str(exc)
         raise ConfigError([f"{source}: {what}"]) from None
     return _Checker(source, os.environ if environ is None else environ).check(document)
+
+
+def missing_keys(config: Config, path: Path) -> list[str]:
+    """Given a checked config and the path it was read from (or would have been), return
+    a ``FILE: key.path: what is wrong`` line for each printer whose OctoPrint has no key.
+
+    The daemon starts without a key, and warns: OctoPrint then refuses it everything,
+    so ``reconnectd check`` calls it a problem rather than OK. Klipper printers are
+    left out: Moonraker may trust its local clients without a key.
+    """
+    source = config.source or path
+    how = (
+        'run "reconnectd login" to get one from OctoPrint (it stores the key and sets'
+        " api_key_file), or set api_key_file to a file holding one"
+    )
+    lines = []
+    for index, printer in enumerate(config.printers):
+        octoprint = printer.octoprint
+        if printer.moonraker is not None or octoprint.api_key is not None:
+            continue
+        table = "octoprint" if octoprint == config.octoprint else f"printer[{index}].octoprint"
+        if printer.known_boards:
+            user = "which every known printer board uses (there is no [[printer]])"
+        else:
+            user = f'which printer "{printer.name}" uses'
+        lines.append(
+            f"{source}: {table}: no API key for the OctoPrint at {octoprint.shown_url},"
+            f" {user}; {how}"
+        )
+    return list(dict.fromkeys(lines))
 
 
 def _toml_error(message: str) -> str:
@@ -346,13 +376,21 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def _holds_inline_key(config: Config) -> bool:
-    return any(
+def _inline_secrets(config: Config) -> list[str]:
+    """Given a config, return which secrets its file holds itself: an inline key, a
+    password in a URL (basic auth), both or none."""
+    octoprints = (config.octoprint, *(p.octoprint for p in config.printers))
+    held = []
+    if any(
         octoprint.api_key is not None
         and octoprint.api_key_file is None
         and octoprint.api_key_credential is None
-        for octoprint in (config.octoprint, *(p.octoprint for p in config.printers))
-    )
+        for octoprint in octoprints
+    ):
+        held.append("an inline api_key")
+    if any(shown_url(octoprint.url) != octoprint.url for octoprint in octoprints):
+        held.append("a password in a url")
+    return held
 
 
 # --- describing values in messages ---------------------------------------------
@@ -418,12 +456,6 @@ def _key_path(parent: str, key: str) -> str:
     return f"{parent}.{shown}" if parent else shown
 
 
-def _redact_url(url: str) -> str:
-    # A URL may carry a reverse proxy's password (http://user:pass@host/); a
-    # regex rather than urlsplit, because the URL being shown may not parse.
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
 # --- the checker -----------------------------------------------------------------
 
 
@@ -482,6 +514,7 @@ class _Checker:
         raw_printers = document.get("printer", _MISSING)
         if isinstance(raw_printers, list):
             names: dict[str, str] = {}
+            hosts: dict[tuple[str, str], PrinterConfig] = {}
             for index, raw in enumerate(raw_printers):
                 path = f"printer[{index}]"
                 if not isinstance(raw, dict):
@@ -490,6 +523,7 @@ class _Checker:
                 printer = self.printer(raw, path, shared_values, names)
                 if printer is not None:
                     printers.append(printer)
+                    self.own_host(printer, raw, path, hosts)
         elif isinstance(raw_printers, dict):
             self.problem(
                 "printer", "expected an array of tables written [[printer]], got a table [printer]"
@@ -509,6 +543,38 @@ class _Checker:
             printers = list(zero_config(shared))
         return Config(
             source=self.source, octoprint=shared, printers=tuple(printers), warnings=warnings
+        )
+
+    def own_host(
+        self,
+        printer: PrinterConfig,
+        table: dict[str, Any],
+        path: str,
+        hosts: dict[tuple[str, str], PrinterConfig],
+    ) -> None:
+        """Note a printer whose host instance an earlier printer uses already.
+
+        One OctoPrint drives one printer connection: two printers of one instance
+        would connect and disconnect each other's printer. Two URLs name one instance
+        when scheme, host (any case), port (80 and 443 written or not) and path (a
+        trailing "/" or not) are the same; a user name and password do not count.
+        """
+        kind = "moonraker" if printer.moonraker is not None else "octoprint"
+        first = hosts.setdefault((kind, instance_of(printer.host.url)), printer)
+        if first is printer:
+            return
+        urls = first.host.shown_url
+        if printer.host.shown_url != urls:
+            urls += f" and {printer.host.shown_url}"
+        own = table.get(kind)
+        inherited = not (isinstance(own, dict) and "url" in own)
+        name = "Moonraker" if kind == "moonraker" else "OctoPrint"
+        self.problem(
+            _key_path(_key_path(path, kind), "url"),
+            f'printer "{first.name}" and printer "{printer.name}" both use the {name} at {urls}'
+            + (f" ([{kind}]'s, as this printer has no [printer.{kind}] url)" if inherited else "")
+            + f": one {name} instance drives one printer connection; give each printer its own"
+            f" [printer.{kind}] url",
         )
 
     def unknown_keys(self, table: dict[str, Any], path: str, known: tuple[str, ...]) -> set[str]:
@@ -571,12 +637,14 @@ class _Checker:
         return values
 
     def url(self, value: object, path: str) -> str | None:
-        expected = f'expected an http:// or https:// URL with a host like "{DEFAULT_URL}"'
         if not isinstance(value, str):
+            expected = f'expected an http:// or https:// URL with a host like "{DEFAULT_URL}"'
             self.problem(path, f"{expected}, got {_describe(value)}")
             return None
-        if not is_octoprint_url(value):
-            self.problem(path, f"{expected}, got {_describe(_redact_url(value))}")
+        # The message shows the URL with any password in it masked.
+        problem = url_problem(value, DEFAULT_URL)
+        if problem is not None:
+            self.problem(path, f"{problem}, got {_describe(shown_url(value))}")
             return None
         return value.rstrip("/")
 
@@ -753,7 +821,7 @@ class _Checker:
         for key in ("vendor_id", "product_id"):
             if key in table:
                 values[key] = self.usb_id(table[key], _key_path(path, key))
-        self.optional(table, path, "serial", values, self.text)
+        self.optional(table, path, "serial", values, self.serial)
         self.optional(table, path, "usb_path", values, self.usb_path)
         self.optional(table, path, "port", values, self.port)
         self.optional(table, path, "baudrate", values, self.baudrate)
@@ -821,6 +889,23 @@ class _Checker:
         self.problem(path, f"expected a non-empty string, got {_describe(value)}")
         return None
 
+    def serial(self, value: object, path: str) -> str | None:
+        text = self.text(value, path)
+        if text is None:
+            return None
+        # Matched against udev's ID_SERIAL_SHORT, which never holds what udev
+        # replaces: a serial written otherwise would never match any device.
+        sanitised = udev_serial(text)
+        if sanitised != text:
+            self.problem(
+                path,
+                "udev reports a USB serial number with white space and every character but"
+                ' letters, digits and "#+-.:=@_" replaced by "_" (as reconnectd devices'
+                f" prints it): write {_describe(sanitised)}, got {_describe(text)}",
+            )
+            return None
+        return text
+
     def usb_path(self, value: object, path: str) -> str | None:
         if isinstance(value, str) and is_usb_path(value):
             return value
@@ -846,8 +931,12 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(path, f"expected an integer, got {_describe(value)}")
             return None
-        if value <= 0:
-            self.problem(path, f"must be a positive integer, got {_describe(value)}")
+        if not BAUDRATE_MIN <= value <= BAUDRATE_MAX:
+            self.problem(
+                path,
+                f"must be a serial speed between {BAUDRATE_MIN} and {BAUDRATE_MAX} bits per"
+                f" second like 115200 or 250000, got {_describe(value)}",
+            )
             return None
         return value
 

@@ -7,6 +7,7 @@ with tables of plain values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -64,6 +65,51 @@ class DeviceRemoved:
 
 
 DeviceEvent = Union[DeviceAdded, DeviceRemoved]
+
+
+# What udev keeps of a USB serial number in ID_SERIAL_SHORT (systemd's
+# allow_listed_char_for_devnode(), used by udev_replace_chars()): ASCII letters and
+# digits, these, and valid UTF-8 beyond ASCII; everything else becomes "_".
+_SERIAL_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#+-.:=@_")
+# C's isspace() in the "C" locale, which udev_replace_whitespace() uses.
+_C_SPACE = " \t\n\v\f\r"
+
+
+def udev_serial(raw: str) -> str:
+    """Given a USB serial number as the device reports it, return it as udev's
+    ``ID_SERIAL_SHORT`` writes it.
+
+    As systemd's usb_id builtin does: white space at either end is dropped and each
+    run of it inside becomes one "_" (``udev_replace_whitespace``); then every
+    character but ASCII letters, digits, ``#+-.:=@_``, a ``\\x`` pair and a valid
+    character beyond ASCII becomes "_" (``udev_replace_chars``). A Unicode
+    replacement character stands for a byte that was not UTF-8, which udev replaces.
+    """
+    words = [word for word in re.split(f"[{re.escape(_C_SPACE)}]+", raw) if word]
+    text = "_".join(words)
+    kept: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and text[index + 1 : index + 2] == "x":
+            kept.append("\\x")
+            index += 2
+            continue
+        kept.append(char if char in _SERIAL_ASCII or _valid_beyond_ascii(char) else "_")
+        index += 1
+    return "".join(kept)
+
+
+def _valid_beyond_ascii(char: str) -> bool:
+    # systemd's unichar_is_valid(): no surrogates, no noncharacters.
+    point = ord(char)
+    return (
+        point >= 0x80
+        and not 0xD800 <= point <= 0xDFFF
+        and not 0xFDD0 <= point <= 0xFDEF
+        and point & 0xFFFE != 0xFFFE
+        and char != "\ufffd"
+    )
 
 
 def normalize_usb_id(value: str | None) -> str | None:

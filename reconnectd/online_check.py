@@ -3,7 +3,8 @@
 For each OctoPrint it reaches the API, proves the key may read and change the
 connection, and for each printer whose device is present now, that OctoPrint offers
 a port for it: a printer OctoPrint does not list can never be connected (OctoPrint
-answers 400), which is otherwise found out only at the first power cycle.
+answers 400), which is otherwise found out only at the first power cycle. The same
+goes for a printer's ``profile`` that is not one of OctoPrint's printer profiles.
 
 Nothing is connected or changed: the permission probe names a port no OctoPrint
 lists, which a key that may connect gets refused with 400, and one that may not
@@ -27,6 +28,7 @@ PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
 # Exit codes, worst last: see cli.py and the README.
 OK = 0
 PORT_NOT_OFFERED = 1
+PROFILE_NOT_OFFERED = 1
 NO_PERMISSION = 77
 UNREACHABLE = 69
 _SEVERITY = {OK: 0, PORT_NOT_OFFERED: 1, NO_PERMISSION: 2, UNREACHABLE: 3}
@@ -70,7 +72,7 @@ def check_online(
             finding, view = check_octoprint(api)
         finally:
             api.close()
-        findings.append(Finding(finding.code, f"{octoprint.url}: {finding.line}"))
+        findings.append(Finding(finding.code, f"{octoprint.shown_url}: {finding.line}"))
         print(findings[-1].line, file=out)
         if view is not None:
             views[octoprint] = view
@@ -78,7 +80,10 @@ def check_online(
         view = views.get(printer.octoprint)
         if view is None:
             continue  # its OctoPrint already has a finding of its own
-        for finding in check_ports(printer, present(printer), view.ports):
+        for finding in [
+            *check_profile(printer, view),
+            *check_ports(printer, present(printer), view.ports),
+        ]:
             findings.append(finding)
             print(finding.line, file=out)
     return worst(findings)
@@ -119,13 +124,44 @@ def check_ports(
         findings.append(
             Finding(
                 PORT_NOT_OFFERED,
-                f"{printer.name}: {device.node} is present but {printer.octoprint.url} does not"
+                f"{printer.name}: {device.node} is present but {printer.octoprint.shown_url}"
+                " does not"
                 f" offer it (nor {', '.join(device.links) or 'any link to it'}); in OctoPrint's"
                 f" serial settings add {_pattern(wanted)} to the additional ports, or take it off"
                 " the blacklisted ports",
             )
         )
     return findings
+
+
+def check_profile(printer: PrinterConfig, view: HostView) -> list[Finding]:
+    """Given a printer and its OctoPrint's view, return a finding if the printer's
+    ``profile`` is not one of the printer profiles OctoPrint offers.
+
+    OctoPrint refuses a connect naming a profile it does not have (400), so such a
+    printer would never be connected. Nothing is said when the printer names no
+    profile, or when OctoPrint listed none (it always has "_default": an answer
+    without the list is not one to judge by).
+    """
+    wanted = printer.profile
+    if wanted is None or not view.profiles or wanted in view.profiles:
+        return []
+    named = {i: i for i in view.profiles} | dict(zip(view.profiles, view.profile_names))
+    offered = ", ".join(
+        f'"{identifier}"' + (f" ({named[identifier]})" if named[identifier] != identifier else "")
+        for identifier in view.profiles
+    )
+    line = (
+        f'{printer.name}: profile "{wanted}" is not a printer profile of OctoPrint at'
+        f" {printer.octoprint.shown_url}, which offers {offered}; OctoPrint refuses to"
+        " connect with a profile it does not have"
+    )
+    # The usual slip: the name OctoPrint's settings show instead of the profile's id.
+    same_name = [i for i, name in named.items() if name.casefold() == wanted.casefold()]
+    if same_name:
+        line += f'; "{wanted}" is the name of the profile whose id is "{same_name[0]}":'
+        line += f' write profile = "{same_name[0]}"'
+    return [Finding(PROFILE_NOT_OFFERED, line)]
 
 
 def devices_of(printer: PrinterConfig, config: Config, devices: list[Device]) -> list[Device]:

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 
-from reconnectd.devices import Device, normalize_usb_id
+from reconnectd.devices import Device, normalize_usb_id, udev_serial
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def node_device(port: str, sys_root: str = SYS_ROOT) -> Device | None:
             node=port,
             vendor_id=normalize_usb_id(_read(usb, "idVendor")),
             product_id=normalize_usb_id(_read(usb, "idProduct")),
-            serial=_read(usb, "serial"),
+            serial=_serial(usb),
             instance=instance,
         )
     return Device(devpath=devpath, node=port, instance=_made_at(device_dir))
@@ -64,6 +64,12 @@ def _usb_parent(device_dir: str, sys_root: str) -> str | None:
             return current
         current = os.path.dirname(current)
     return None
+
+
+def _serial(usb: str) -> str | None:
+    # In udev's form (ID_SERIAL_SHORT), as the config's serial is written.
+    raw = _read(usb, "serial")
+    return (udev_serial(raw) or None) if raw else None
 
 
 def _read(directory: str, name: str) -> str | None:

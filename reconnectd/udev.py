@@ -21,6 +21,7 @@ from reconnectd.devices import (
     DeviceEvent,
     DeviceRemoved,
     normalize_usb_id,
+    udev_serial,
 )
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,12 @@ def device_from_udev(device: pyudev.Device) -> Device | None:
         if usb is not None:
             vendor_id = vendor_id or normalize_usb_id(_attribute(usb, "idVendor"))
             product_id = product_id or normalize_usb_id(_attribute(usb, "idProduct"))
-            serial = serial or _attribute(usb, "serial")
+            if serial is None:
+                # In udev's form, so that one config serial matches either way. udev
+                # itself leaves ID_SERIAL_SHORT out for a serial with a comma or a byte
+                # outside printable ASCII: this fallback is then what reads it.
+                raw = _attribute(usb, "serial")
+                serial = (udev_serial(raw) or None) if raw else None
             if not instance:
                 busnum = _attribute(usb, "busnum")
                 devnum = _attribute(usb, "devnum")

@@ -20,6 +20,7 @@ from reconnectd.config import parse_config
 from reconnectd.devices import Device
 
 REPO = Path(__file__).resolve().parents[1]
+KEY = "K3Y-of-test-cli-0123456789abcdef"
 
 
 def env_for(tmp_path: Path, config: str | None = None) -> dict[str, str]:
@@ -50,7 +51,11 @@ def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str
 
 
 def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    env = env_for(tmp_path, '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n')
+    env = env_for(
+        tmp_path,
+        f'[octoprint]\napi_key = "{KEY}"\n[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n',
+    )
+    (tmp_path / "reconnectd.toml").chmod(0o600)  # an inline key others may not read
     assert main(["check"], env) == EXIT_OK
     out = capsys.readouterr().out
     assert out == f"config OK: {tmp_path / 'reconnectd.toml'}; printers: mk3s\n"
@@ -80,6 +85,51 @@ def test_check_reports_every_problem_one_line_each_and_exits_78(
     ):
         assert f": {key}: " in joined, (key, joined)
     assert "Traceback" not in captured.err
+
+
+HOW_TO_GET_A_KEY = (
+    'run "reconnectd login" to get one from OctoPrint (it stores the key and sets'
+    " api_key_file), or set api_key_file to a file holding one"
+)
+
+
+def test_check_without_a_config_file_says_the_key_is_missing_and_exits_78(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = tmp_path / "etc" / "reconnectd.toml"  # the default path, missing
+    monkeypatch.setattr("reconnectd.config.DEFAULT_CONFIG_PATH", default)
+    assert main(["check"], env_for(tmp_path)) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"{default}: octoprint: no API key for the OctoPrint at http://127.0.0.1:5000, which"
+        f" every known printer board uses (there is no [[printer]]); {HOW_TO_GET_A_KEY}\n"
+    )
+
+
+def test_check_names_every_printer_whose_octoprint_has_no_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = env_for(
+        tmp_path,
+        '[octoprint]\nurl = "http://proxy:Secr3t@octopi.local"\n'
+        '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n'
+        '[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        f'[printer.octoprint]\nurl = "http://octopi.local:5001"\napi_key = "{KEY}"\n'
+        '[[printer]]\nname = "xl"\nport = "/dev/ttyACM2"\n'
+        '[printer.octoprint]\nurl = "http://octopi.local:5002"\n',
+    )
+    (tmp_path / "reconnectd.toml").chmod(0o600)
+    assert main(["check", "--online"], env) == EXIT_CONFIG  # not even trying OctoPrint
+    captured = capsys.readouterr()
+    path = tmp_path / "reconnectd.toml"
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"{path}: octoprint: no API key for the OctoPrint at http://proxy:***@octopi.local,"
+        f' which printer "mk3s" uses; {HOW_TO_GET_A_KEY}',
+        f"{path}: printer[2].octoprint: no API key for the OctoPrint at"
+        f' http://octopi.local:5002, which printer "xl" uses; {HOW_TO_GET_A_KEY}',
+    ]
 
 
 def test_missing_named_config_is_a_config_error(
@@ -149,6 +199,40 @@ def test_status_prints_the_table_and_json(
     assert json.loads(capsys.readouterr().out) == document
 
 
+def test_status_masks_a_password_in_any_url_of_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A status file written before URLs were shown masked may hold a reverse proxy's
+    password: neither the table nor --json shows it."""
+    env = env_for(tmp_path)
+    (tmp_path / "run").mkdir()
+    document = {
+        "version": 1,
+        "pid": os.getpid(),
+        "updated": "2026-11-23T12:05:00Z",
+        "printers": [
+            {
+                "name": "mk3s",
+                "state": "octoprint unreachable",
+                "octoprint": "http://proxy:Secr3t@octopi.local:5000",
+                "decision": "waiting",
+                "reason": "HTTP 502 (GET http://proxy:Secr3t@octopi.local:5000/api/connection)",
+            },
+        ],
+    }
+    (tmp_path / "run" / "status.json").write_text(json.dumps(document))
+    assert main(["status"], env) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "HTTP 502 (GET http://proxy:***@octopi.local:5000/api/connection)" in table
+    assert "Secr3t" not in table
+    assert main(["status", "--json"], env) == EXIT_OK
+    shown = json.loads(capsys.readouterr().out)
+    (row,) = shown["printers"]
+    assert row["octoprint"] == "http://proxy:***@octopi.local:5000"
+    assert row["reason"] == "HTTP 502 (GET http://proxy:***@octopi.local:5000/api/connection)"
+    assert "Secr3t" not in json.dumps(shown)
+
+
 def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
@@ -180,6 +264,8 @@ TWINS_CONFIG = (
     f'usb_path = "{TWIN_PATHS[0]}"\n'
     '[[printer]]\nname = "right"\nvendor_id = "1a86"\n'
     f'usb_path = "{TWIN_PATHS[1]}"\n'
+    # Each printer has an OctoPrint instance of its own.
+    '[printer.octoprint]\nurl = "http://127.0.0.1:5001"\n'
 )
 
 
@@ -214,6 +300,7 @@ def test_devices_json_has_the_usb_path_and_stanzas_that_make_a_valid_config(
     rows = json.loads(capsys.readouterr().out)
     assert [row["usb_path"] for row in rows] == list(TWIN_PATHS)
     assert [row["printers"] for row in rows] == [["left"], ["right"]]
-    pasted = "\n".join(row["stanza"] for row in rows)
+    own = '[printer.octoprint]\nurl = "http://127.0.0.1:5001"'
+    pasted = "\n".join([*(row["stanza"] for row in rows), own])
     config = parse_config(pasted, tmp_path / "pasted.toml")
     assert [p.usb_path for p in config.printers] == list(TWIN_PATHS)

@@ -34,6 +34,13 @@ SECRET = "S3CRETKEY0123456789abcdefABCDEF01"
 PRINTER = '[[printer]]\nname = "mk3s"\n'
 PRINTER_PORT = '[[printer]]\nname = "mk3s"\nport = "/dev/ttyACM0"\n'
 URL_FORM = 'expected an http:// or https:// URL with a host like "http://127.0.0.1:5000"'
+BAUDRATE_FORM = (
+    "must be a serial speed between 300 and 4000000 bits per second like 115200 or 250000"
+)
+SERIAL_FORM = (
+    "udev reports a USB serial number with white space and every character but letters,"
+    ' digits and "#+-.:=@_" replaced by "_" (as reconnectd devices prints it)'
+)
 USB_PATH = "pci-0000:00:14.0-usb-0:1.2:1.0"
 USB_PATH_FORM = (
     f'expected a USB path without spaces as "reconnectd devices" prints it, like "{USB_PATH}"'
@@ -106,8 +113,33 @@ MALFORMED = [
     ),
     pytest.param(
         PRINTER_PORT + "baudrate = 0\n",
-        ["printer[0].baudrate: must be a positive integer, got 0"],
+        [f"printer[0].baudrate: {BAUDRATE_FORM}, got 0"],
         id="baudrate-zero",
+    ),
+    pytest.param(
+        PRINTER_PORT + "baudrate = 7\n",
+        [f"printer[0].baudrate: {BAUDRATE_FORM}, got 7"],
+        id="baudrate-absurdly-low",
+    ),
+    pytest.param(
+        PRINTER_PORT + "baudrate = 10_000_000\n",
+        [f"printer[0].baudrate: {BAUDRATE_FORM}, got 10000000"],
+        id="baudrate-absurdly-high",
+    ),
+    pytest.param(
+        PRINTER + 'vendor_id = "2c99"\nserial = "CZPX 1017"\n',
+        [f'printer[0].serial: {SERIAL_FORM}: write "CZPX_1017", got "CZPX 1017"'],
+        id="serial-with-a-space",
+    ),
+    pytest.param(
+        PRINTER + 'vendor_id = "2c99"\nserial = "  A1\\tB2   C3 "\n',
+        [f'printer[0].serial: {SERIAL_FORM}: write "A1_B2_C3", got "  A1\\tB2   C3 "'],
+        id="serial-with-runs-of-white-space",
+    ),
+    pytest.param(
+        PRINTER + 'vendor_id = "2c99"\nserial = "AB,CD/1(2)"\n',
+        [f'printer[0].serial: {SERIAL_FORM}: write "AB_CD_1_2_", got "AB,CD/1(2)"'],
+        id="serial-with-characters-udev-replaces",
     ),
     pytest.param(
         PRINTER + 'vendor_id = "2c9"\n',
@@ -497,6 +529,300 @@ def test_several_problems_are_all_reported_in_one_error() -> None:
     assert str(info.value) == "\n".join(f"{SOURCE}: {line}" for line in expected)
 
 
+# --- a user name and password in the URL (basic auth in front of OctoPrint) ---------
+
+PASSWORD = "Sekr1t-pw"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        pytest.param(
+            f"http://:{PASSWORD}@octopi.local",
+            'the user name before ":" is empty; HTTP basic auth needs one,'
+            ' got "http://:***@octopi.local"',
+            id="empty-user-name",
+        ),
+        pytest.param(
+            f"http://{PASSWORD}@octopi.local",
+            'a user name without a password before "@": requests then sends no credentials'
+            ' at all; write "user:password@" ("user:@" for an empty password),'
+            ' got "http://***@octopi.local"',
+            id="token-without-password",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}%zz@octopi.local",
+            'the password has an invalid percent-escape: "%" must be followed by two hex'
+            ' digits (a "%" itself is written %25), got "http://user:***@octopi.local"',
+            id="invalid-percent-escape",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}%4@octopi.local",
+            'the password has an invalid percent-escape: "%" must be followed by two hex'
+            ' digits (a "%" itself is written %25), got "http://user:***@octopi.local"',
+            id="percent-escape-cut-short",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD} x@octopi.local",
+            "the password has a character a URL cannot hold as it is (a space, a control"
+            ' character or one of "/?#@[]<>\\^`{|}): percent-encode it, as %2F for "/"'
+            ' or %40 for "@", got "http://user:***@octopi.local"',
+            id="space-in-password",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}\\u0007@octopi.local",
+            "the password has a character a URL cannot hold as it is (a space, a control"
+            ' character or one of "/?#@[]<>\\^`{|}): percent-encode it, as %2F for "/"'
+            ' or %40 for "@", got "http://user:***@octopi.local"',
+            id="control-character-in-password",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}/x@octopi.local",
+            "the password has a character a URL cannot hold as it is (a space, a control"
+            ' character or one of "/?#@[]<>\\^`{|}): percent-encode it, as %2F for "/"'
+            ' or %40 for "@", got "http://user:***@octopi.local"',
+            id="slash-in-password",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}@x@octopi.local",
+            "the password has a character a URL cannot hold as it is (a space, a control"
+            ' character or one of "/?#@[]<>\\^`{|}): percent-encode it, as %2F for "/"'
+            ' or %40 for "@", got "http://user:***@octopi.local"',
+            id="at-sign-in-password",
+        ),
+        pytest.param(
+            f"http://my user:{PASSWORD}@octopi.local",
+            "the user name has characters a URL cannot hold as they are (' '): write %20"
+            " for ' ', got \"http://my user:***@octopi.local\"",
+            id="space-in-user-name",
+        ),
+        pytest.param(
+            f"http://us%3Aer:{PASSWORD}@octopi.local",
+            'the user name holds ":" (%3A), which HTTP basic auth cannot carry in a user'
+            ' name, got "http://us%3Aer:***@octopi.local"',
+            id="colon-in-user-name-after-decoding",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}%0A@octopi.local",
+            "the password holds a control character, which HTTP basic auth cannot carry,"
+            ' got "http://user:***@octopi.local"',
+            id="control-character-after-decoding",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}%E2%82%AC@octopi.local",
+            "the password holds a character outside Latin-1, which requests cannot send in"
+            ' HTTP basic auth, got "http://user:***@octopi.local"',
+            id="euro-sign-not-latin-1",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}€@octopi.local",
+            "the password holds a character outside Latin-1, which requests cannot send in"
+            ' HTTP basic auth, got "http://user:***@octopi.local"',
+            id="euro-sign-unencoded",
+        ),
+        pytest.param(
+            f"http://user:{PASSWORD}%E4@octopi.local",
+            "the password's percent-escapes are not UTF-8: write each character as the"
+            ' escapes of its UTF-8 bytes ("ä" is %C3%A4), got "http://user:***@octopi.local"',
+            id="latin-1-byte-escaped-is-not-utf-8",
+        ),
+    ],
+)
+def test_url_credentials_basic_auth_cannot_carry_are_refused_without_the_password(
+    url: str, problem: str
+) -> None:
+    problems = problems_of(f'[octoprint]\nurl = "{url}"\n')
+    assert problems == [f"{SOURCE}: octoprint.url: {problem}"]
+    assert PASSWORD not in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@octopi.local:5000", "http://user:***@octopi.local:5000"),
+        ("http://user:@octopi.local", "http://user:***@octopi.local"),  # an empty password
+        ("https://user:p%40ss%2Fw%C3%A4rd@octopi.local/", "https://user:***@octopi.local"),
+        ("http://j%C3%BCrgen:pässwort@octopi.local", "http://j%C3%BCrgen:***@octopi.local"),
+        (
+            "http://a-b.c_d~e!$&'()*+,;=:x@octopi.local",
+            "http://a-b.c_d~e!$&'()*+,;=:***@octopi.local",
+        ),
+    ],
+)
+def test_url_credentials_basic_auth_can_carry_are_kept_as_written(url: str, shown: str) -> None:
+    config = parse_config(f'[octoprint]\nurl = "{url}"\n', SOURCE)
+    assert config.octoprint.url == url.rstrip("/")
+    assert config.octoprint.shown_url == shown
+    assert config.printers[0].octoprint.shown_url == shown
+
+
+def test_config_file_with_a_url_password_others_can_read_is_warned(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "reconnectd.toml",
+        f'[octoprint]\nurl = "http://user:{PASSWORD}@octopi.local"\napi_key_file = "k"\n',
+    )
+    secret_file(tmp_path / "k", 0o600)
+    path.chmod(0o644)
+    assert load_config(str(path), {}).warnings == (
+        f"{path}: holds a password in a url and is readable by other users; run: chmod 600 {path}",
+    )
+    path.chmod(0o600)
+    assert load_config(str(path), {}).warnings == ()
+
+
+# --- one OctoPrint instance drives one printer -----------------------------------------
+
+SAME_INSTANCE = (
+    ": one OctoPrint instance drives one printer connection; give each printer its own"
+    " [printer.octoprint] url"
+)
+
+
+def test_two_printers_of_the_shared_octoprint_are_refused() -> None:
+    text = PRINTER_PORT + '[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+    assert problems_of(text) == [
+        f'{SOURCE}: printer[1].octoprint.url: printer "mk3s" and printer "mini" both use the'
+        " OctoPrint at http://127.0.0.1:5000 ([octoprint]'s, as this printer has no"
+        f" [printer.octoprint] url){SAME_INSTANCE}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shown"),
+    [
+        pytest.param(
+            "http://OctoPi.Local:80/",
+            "http://octopi.local",
+            "http://OctoPi.Local:80 and http://octopi.local",
+            id="host-case-and-default-port",
+        ),
+        pytest.param(
+            "https://octopi.local/octoprint/",
+            "https://octopi.local:443/octoprint",
+            "https://octopi.local/octoprint and https://octopi.local:443/octoprint",
+            id="https-default-port-and-trailing-slash",
+        ),
+        pytest.param(
+            "http://octopi.local:5000",
+            f"http://user:{PASSWORD}@octopi.local:5000",
+            "http://octopi.local:5000 and http://user:***@octopi.local:5000",
+            id="credentials-do-not-count",
+        ),
+        pytest.param(
+            "http://127.0.0.1:5001",
+            "http://127.0.0.1:5001",
+            "http://127.0.0.1:5001",
+            id="written-alike",
+        ),
+    ],
+)
+def test_two_printers_of_one_octoprint_instance_are_refused(
+    first: str, second: str, shown: str
+) -> None:
+    text = (
+        f'{PRINTER_PORT}[printer.octoprint]\nurl = "{first}"\n'
+        f'[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        f'[printer.octoprint]\nurl = "{second}"\n'
+    )
+    problems = problems_of(text)
+    assert problems == [
+        f'{SOURCE}: printer[1].octoprint.url: printer "mk3s" and printer "mini" both use the'
+        f" OctoPrint at {shown}{SAME_INSTANCE}"
+    ]
+    assert PASSWORD not in problems[0]
+
+
+def test_a_printer_naming_the_shared_octoprint_again_is_refused() -> None:
+    text = (
+        '[octoprint]\nurl = "http://octopi.local:5000"\n'
+        + PRINTER_PORT
+        + '[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        + '[printer.octoprint]\nurl = "http://OCTOPI.local:5000/"\n'
+    )
+    assert problems_of(text) == [
+        f'{SOURCE}: printer[1].octoprint.url: printer "mk3s" and printer "mini" both use the'
+        f" OctoPrint at http://octopi.local:5000 and http://OCTOPI.local:5000{SAME_INSTANCE}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param("http://octopi.local:5000", "http://octopi.local:5001", id="ports"),
+        pytest.param("http://proxy.lan/mk3s", "http://proxy.lan/mini", id="paths"),
+        pytest.param("http://octopi.local", "https://octopi.local", id="schemes"),
+        pytest.param("http://octopi.local", "http://octopi-2.local", id="hosts"),
+    ],
+)
+def test_printers_of_different_octoprint_instances_are_accepted(first: str, second: str) -> None:
+    text = (
+        f'{PRINTER_PORT}[printer.octoprint]\nurl = "{first}"\n'
+        f'[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        f'[printer.octoprint]\nurl = "{second}"\n'
+    )
+    mk3s, mini = parse_config(text, SOURCE).printers
+    assert (mk3s.octoprint.url, mini.octoprint.url) == (first, second)
+
+
+# --- plausible values: the bounds themselves are accepted -----------------------------
+
+
+@pytest.mark.parametrize("baudrate", [300, 115200, 250000, 4_000_000])
+def test_baudrates_in_the_plausible_range_are_accepted(baudrate: int) -> None:
+    (printer,) = parse_config(f"{PRINTER_PORT}baudrate = {baudrate}\n", SOURCE).printers
+    assert printer.baudrate == baudrate
+
+
+@pytest.mark.parametrize(
+    "serial",
+    ["CZPX1017X004XK12345", "A#+-.:=@_z", "Prusa_Research_MK4", "Ünïcödé", "odd\\\\x20name"],
+)
+def test_serials_as_udev_writes_them_are_accepted(serial: str) -> None:
+    text = f'{PRINTER}vendor_id = "2c99"\nserial = "{serial}"\n'
+    (printer,) = parse_config(text, SOURCE).printers
+    assert printer.serial == serial.replace("\\\\", "\\")
+
+
+# --- a printer whose OctoPrint has no key ------------------------------------------------
+
+HOW_TO_GET_A_KEY = (
+    'run "reconnectd login" to get one from OctoPrint (it stores the key and sets'
+    " api_key_file), or set api_key_file to a file holding one"
+)
+
+
+def test_missing_keys_names_the_table_the_url_and_the_printer() -> None:
+    text = (
+        '[octoprint]\nurl = "http://user:secret@octopi.local:5000"\n'
+        + PRINTER_PORT
+        + '[[printer]]\nname = "mini"\nport = "/dev/ttyACM1"\n'
+        + '[printer.octoprint]\nurl = "http://octopi.local:5001"\n'
+        + '[[printer]]\nname = "xl"\nport = "/dev/ttyACM2"\n'
+        + f'[printer.octoprint]\nurl = "http://octopi.local:5002"\napi_key = "{SECRET}"\n'
+    )
+    config = parse_config(text, SOURCE)
+    assert config_module.missing_keys(config, Path("/elsewhere.toml")) == [
+        f"{SOURCE}: octoprint: no API key for the OctoPrint at"
+        f' http://user:***@octopi.local:5000, which printer "mk3s" uses; {HOW_TO_GET_A_KEY}',
+        f"{SOURCE}: printer[1].octoprint: no API key for the OctoPrint at"
+        f' http://octopi.local:5001, which printer "mini" uses; {HOW_TO_GET_A_KEY}',
+    ]
+
+
+def test_missing_keys_of_zero_config_names_the_file_it_would_read() -> None:
+    config = Config(source=None, octoprint=OctoPrintConfig(), printers=config_module.zero_config())
+    assert config_module.missing_keys(config, DEFAULT_CONFIG_PATH) == [
+        f"{DEFAULT_CONFIG_PATH}: octoprint: no API key for the OctoPrint at"
+        " http://127.0.0.1:5000, which every known printer board uses (there is no"
+        f" [[printer]]); {HOW_TO_GET_A_KEY}"
+    ]
+
+
+def test_no_missing_keys_when_every_printer_has_one() -> None:
+    config = parse_config(f'[octoprint]\napi_key = "{SECRET}"\n{PRINTER_PORT}', SOURCE)
+    assert config_module.missing_keys(config, SOURCE) == []
+
+
 # --- the API key file -----------------------------------------------------------
 
 
@@ -632,6 +958,8 @@ def test_two_identical_boards_told_apart_by_usb_path() -> None:
         f'{PRINTER_CH340}usb_path = "pci-0000:00:14.0-usb-0:1:1.0"\n'
         '[[printer]]\nname = "ender3"\nvendor_id = "1a86"\nproduct_id = "7523"\n'
         'usb_path = "pci-0000:00:14.0-usb-0:2:1.0"\n'
+        # An OctoPrint of its own: one instance drives one printer connection.
+        '[printer.octoprint]\nurl = "http://127.0.0.1:5001"\n'
     )
     printers = parse_config(text, SOURCE).printers
     assert [(p.name, p.usb_path) for p in printers] == [

@@ -164,8 +164,12 @@ def test_stanzas_of_two_identical_boards_differ_and_each_claims_its_own_board() 
     assert stanza_for(LEFT, "p") != stanza_for(RIGHT, "p")
     names = [suggested_name(LEFT), suggested_name(RIGHT)]
     assert names == ["ch340-serial-converter-ttyusb0", "ch340-serial-converter-ttyusb1"]
-    # Both stanzas pasted as `reconnectd devices` prints them make a valid config.
-    text = "\n".join(stanza_for(device, suggested_name(device)) for device in (LEFT, RIGHT))
+    # Both stanzas pasted as `reconnectd devices` prints them make a valid config, once
+    # the second printer has an OctoPrint of its own (one instance, one printer).
+    own = '[printer.octoprint]\nurl = "http://127.0.0.1:5001"'
+    text = "\n".join(
+        [stanza_for(LEFT, suggested_name(LEFT)), stanza_for(RIGHT, suggested_name(RIGHT)), own]
+    )
     config = parse_config(text, Path("/etc/reconnectd/reconnectd.toml"))
     assert [p.usb_path for p in config.printers] == [LEFT_PATH, RIGHT_PATH]
     assert [p.name for p in matching_printers(config.printers, LEFT)] == [names[0]]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reconnectd.config import parse_config
+from reconnectd.matching import matching_printers
 from reconnectd.static_nodes import node_device
 
 MAJOR, MINOR = 166, 77  # ttyACM's major; a minor no real device has here
@@ -30,7 +32,7 @@ def node(tmp_path: Path) -> str:
     return str(path)
 
 
-def plug(sys_root: Path, devnum: int = 5, *, usb: bool = True) -> None:
+def plug(sys_root: Path, devnum: int = 5, *, usb: bool = True, serial: str = "CZPX9") -> None:
     """Make the sysfs side of the device appear, as the kernel does on a plug."""
     tty = sys_root / TTY
     tty.mkdir(parents=True)
@@ -40,7 +42,7 @@ def plug(sys_root: Path, devnum: int = 5, *, usb: bool = True) -> None:
         for name, value in (
             ("idVendor", "2c99"),
             ("idProduct", "0002"),
-            ("serial", "CZPX9"),
+            ("serial", serial),
             ("busnum", "1"),
             ("devnum", str(devnum)),
         ):
@@ -69,6 +71,22 @@ def test_device_behind_the_node_is_read_from_sysfs(tmp_path: Path, node: str) ->
     assert device.devpath == "/" + TTY
     assert (device.vendor_id, device.product_id, device.serial) == ("2c99", "0002", "CZPX9")
     assert device.instance == "usb:1:5"
+
+
+def test_the_serial_is_read_in_udevs_form_as_the_config_writes_it(
+    tmp_path: Path, node: str
+) -> None:
+    """No udev runs in the container to make ID_SERIAL_SHORT: the serial the config
+    must name (udev's form) still matches the device's."""
+    sys_root = tmp_path / "sys"
+    plug(sys_root, serial=" CZPX 17,X04 ")
+    device = node_device(node, str(sys_root))
+    assert device is not None and device.serial == "CZPX_17_X04"
+    printers = parse_config(
+        '[[printer]]\nname = "lxc"\nvendor_id = "2c99"\nserial = "CZPX_17_X04"\n',
+        Path("/etc/reconnectd/reconnectd.toml"),
+    ).printers
+    assert [p.name for p in matching_printers(printers, device)] == ["lxc"]
 
 
 def test_a_device_that_comes_back_is_a_new_instance(tmp_path: Path, node: str) -> None:

@@ -300,6 +300,29 @@ def test_device_from_udev_is_none_without_a_node_or_when_virtual(
     assert_matches(device_from_json(real), prusa)
 
 
+def test_a_serial_read_from_sysfs_is_in_udevs_form(
+    bench: Testbed, start_probe: ProbeFactory
+) -> None:
+    """Without udev's ID_SERIAL_SHORT (a serial with a comma gets none, and no rules
+    ran here), the USB device's own serial is read and written as udev would write it,
+    the form the config insists on."""
+    bench.add_record(
+        "P: /devices/pci0000:00/0000:00:14.0/usb9/9-1\nE: SUBSYSTEM=usb\n"
+        "E: DEVTYPE=usb_device\nA: idVendor=2c99\nA: idProduct=0002\n"
+        "A: serial= CZPX 17,X04 \nA: busnum=9\nA: devnum=2\n\n"
+        "P: /devices/pci0000:00/0000:00:14.0/usb9/9-1/9-1:1.0\nE: SUBSYSTEM=usb\n"
+        "E: DEVTYPE=usb_interface\n\n"
+        "P: /devices/pci0000:00/0000:00:14.0/usb9/9-1/9-1:1.0/tty/ttyACM9\n"
+        "E: SUBSYSTEM=tty\nE: DEVNAME=/dev/ttyACM9\n"
+    )
+    probe = start_probe()
+    found = probe.call(
+        "from_syspath", syspath="/sys/devices/pci0000:00/0000:00:14.0/usb9/9-1/9-1:1.0/tty/ttyACM9"
+    )
+    device = device_from_json(found)
+    assert (device.vendor_id, device.product_id, device.serial) == ("2c99", "0002", "CZPX_17_X04")
+
+
 def test_the_pty_carries_bytes_both_ways_and_hangs_up_on_unplug(
     bench: Testbed, start_probe: ProbeFactory
 ) -> None:
