@@ -95,12 +95,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         config = load_config(args.config, env)
     except ConfigError as error:
+        # Under systemd (ExecStart=, ExecReload=) stderr is the journal: each problem is
+        # an error there, so that `journalctl -p warning` shows it.
+        error_mark = "<3>" if logs.is_journal(sys.stderr, env) else ""
         for problem in error.problems:
-            print(problem, file=sys.stderr)
+            print(error_mark + problem, file=sys.stderr)
         return EXIT_CONFIG
     if command == "check":
         path, _ = config_path(args.config, env)
-        return _check(config, path, args.online, sys.stdout)
+        return _check(config, path, args.online, sys.stdout, logs.is_journal(sys.stderr, env))
     if command == "devices":
         return _devices(config, args.json, sys.stdout)
     return _run(config, args, env)
@@ -139,17 +142,19 @@ def _octoprints(config: Config) -> list[OctoPrintConfig]:
     return seen
 
 
-def _check(config: Config, path: Path, online: bool, out: TextIO) -> int:
+def _check(config: Config, path: Path, online: bool, out: TextIO, journal: bool = False) -> int:
     from reconnectd import online_check  # not the daemon's: see _login
 
+    # As ExecReload= runs it, stderr is the journal: priorities, as the daemon's lines.
+    warning_mark, error_mark = ("<4>", "<3>") if journal else ("", "")
     for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"{warning_mark}warning: {warning}", file=sys.stderr)
     # Not an error to the daemon, which starts and warns: but a set-up whose
     # OctoPrint refuses every request is not one to call OK.
     problems = missing_keys(config, path)
     if problems:
         for problem in problems:
-            print(problem, file=sys.stderr)
+            print(error_mark + problem, file=sys.stderr)
         return EXIT_CONFIG
     source = config.source or "no config file (zero-config defaults)"
     names = ", ".join(p.name for p in config.printers) or "none"

@@ -1,5 +1,6 @@
-"""The installer, run for real into a scratch root: what it lays down, and that the
-installed unit passes `systemd-analyze verify`. Nothing is started there."""
+"""The installer and the uninstaller, run for real into a scratch root: what they lay
+down and take away, and that the installed unit passes `systemd-analyze verify`.
+Nothing is started there; tests/test_container.py runs both under a real systemd."""
 
 from __future__ import annotations
 
@@ -15,11 +16,21 @@ from reconnectd import __version__
 REPO = Path(__file__).resolve().parents[1]
 
 
-def install(root: Path) -> subprocess.CompletedProcess[str]:
+def install(root: Path, source: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Given a scratch root (and a checkout), run the checkout's installer into it."""
+    return script(source / "systemd" / "install", root)
+
+
+def uninstall(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Given a scratch root, run the uninstaller on it."""
+    return script(REPO / "systemd" / "uninstall", root, *args)
+
+
+def script(path: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, ROOT=str(root))
     env.pop("PYTHONPATH", None)
     return subprocess.run(
-        ["bash", str(REPO / "systemd" / "install")],
+        ["bash", str(path), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -74,8 +85,19 @@ def test_installs_venv_command_unit_and_example_config(installed: Path) -> None:
     config = installed / "etc/reconnectd/reconnectd.toml"
     assert config.read_text() == (REPO / "reconnectd/example.toml").read_text()
     assert config.stat().st_mode & 0o777 == 0o640
+    # The installed command accepts the example once it has a key, which is all
+    # `reconnectd login` adds to it.
+    key = installed / "octoprint.key"
+    key.write_text("K" * 32 + "\n")
+    key.chmod(0o600)
+    example = config.read_text()
+    assert "\n[octoprint]\n" in example
+    keyed = installed / "keyed.toml"
+    keyed.write_text(
+        example.replace("\n[octoprint]\n", f'\n[octoprint]\napi_key_file = "{key}"\n', 1)
+    )
     checked = subprocess.run(
-        [str(real), "--config", str(config), "check"], capture_output=True, text=True, timeout=60
+        [str(real), "--config", str(keyed), "check"], capture_output=True, text=True, timeout=60
     )
     assert checked.returncode == 0, checked.stderr
 
@@ -145,3 +167,128 @@ def test_a_scratch_root_without_accounts_gets_no_user(tmp_path: Path) -> None:
     assert f"{tmp_path} has no /etc/passwd; the user reconnectd is not made there" in done.stdout
     etc = tmp_path / "etc/reconnectd"
     assert (etc.stat().st_gid, etc.stat().st_mode & 0o777) == (0, 0o750)
+
+
+def test_a_group_named_like_the_user_is_joined_not_made_again(tmp_path: Path) -> None:
+    # Left by an earlier install's userdel, or made by hand: useradd --user-group
+    # would refuse ("group reconnectd exists").
+    bare_system(tmp_path)
+    with (tmp_path / "etc/group").open("a") as group:
+        group.write("reconnectd:x:990:\n")
+    with (tmp_path / "etc/gshadow").open("a") as gshadow:
+        gshadow.write("reconnectd:!::\n")
+    done = install(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "made the system user reconnectd, in the existing group reconnectd" in done.stdout
+    user = account(tmp_path, "passwd", "reconnectd")
+    assert user is not None and user[3] == "990"
+    groups = (tmp_path / "etc/group").read_text().splitlines()
+    assert [line.split(":")[0] for line in groups].count("reconnectd") == 1
+
+
+def files_in(directory: Path) -> dict[str, tuple[int, int]]:
+    """Given a directory, return each path below it with its size and modification time."""
+    return {
+        str(path.relative_to(directory)): (path.lstat().st_size, path.lstat().st_mtime_ns)
+        for path in directory.rglob("*")
+    }
+
+
+def test_builds_outside_the_checkout_and_an_upgrade_drops_deleted_modules(
+    tmp_path: Path,
+) -> None:
+    # A checkout of its own, to delete a module from and to plant what the old
+    # installer left in one: a build/ and an *.egg-info that both list that module.
+    source = tmp_path / "checkout"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+        ),
+    )
+    probe = source / "reconnectd" / "upgrade_probe.py"
+    probe.write_text("PROBE = 1\n")
+    root = tmp_path / "root"
+    bare_system(root)
+    before = files_in(source)
+    first = install(root, source)
+    assert first.returncode == 0, first.stderr
+    assert files_in(source) == before, "the install wrote into the checkout"
+    site = next((root / "opt/reconnectd/lib").glob("python3.*/site-packages"))
+    assert (site / "reconnectd/upgrade_probe.py").exists()
+
+    probe.unlink()
+    stale = source / "build/lib/reconnectd/upgrade_probe.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("PROBE = 1\n")
+    (source / "reconnectd.egg-info").mkdir()
+    (source / "reconnectd.egg-info/SOURCES.txt").write_text("reconnectd/upgrade_probe.py\n")
+    before = files_in(source)
+    second = install(root, source)
+    assert second.returncode == 0, second.stderr
+    assert files_in(source) == before, "the install wrote into the checkout"
+    assert not (site / "reconnectd/upgrade_probe.py").exists(), "a deleted module survived"
+    assert (site / "reconnectd/daemon.py").exists()
+
+
+def test_a_failing_step_fails_the_install_and_is_named(tmp_path: Path) -> None:
+    bare_system(tmp_path)
+    (tmp_path / "opt").write_text("a file where a directory must go\n")
+    done = install(tmp_path)
+    assert done.returncode != 0
+    assert f"install: FAILED while making the venv {tmp_path}/opt/reconnectd" in done.stderr
+    assert not (tmp_path / "etc/reconnectd").exists(), "nothing after the failed step ran"
+
+
+def test_uninstall_keeps_config_and_state_and_purge_removes_them(tmp_path: Path) -> None:
+    bare_system(tmp_path)
+    assert install(tmp_path).returncode == 0
+    state = tmp_path / "var/lib/reconnectd"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{}\n")
+    config = tmp_path / "etc/reconnectd/reconnectd.toml"
+
+    done = uninstall(tmp_path)
+    assert done.returncode == 0, done.stderr
+    for gone in ("etc/systemd/system/reconnectd.service", "opt/reconnectd"):
+        assert not (tmp_path / gone).exists(), gone
+    assert not (tmp_path / "usr/local/bin/reconnectd").is_symlink()
+    assert config.exists() and (state / "state.json").exists()
+    assert f"kept {tmp_path}/etc/reconnectd (config and keys)" in done.stdout
+    assert f"kept {state} (holds)" in done.stdout
+    assert account(tmp_path, "passwd", "reconnectd") is not None, "the user stays"
+    again = uninstall(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "uninstall: nothing left to remove" in again.stdout
+
+    purged = uninstall(tmp_path, "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert not (tmp_path / "etc/reconnectd").exists() and not state.exists()
+    assert "removed the user reconnectd" in purged.stdout
+    for file in ("passwd", "group", "shadow", "gshadow"):
+        assert account(tmp_path, file, "reconnectd") is None, file
+    assert account(tmp_path, "passwd", "root") is not None
+    again = uninstall(tmp_path, "--purge")
+    assert again.returncode == 0, again.stderr
+    assert "uninstall: nothing left to remove" in again.stdout
+
+
+def test_uninstall_refuses_an_unknown_argument(tmp_path: Path) -> None:
+    done = uninstall(tmp_path, "--purg")
+    assert done.returncode == 64
+    assert "usage: sudo bash systemd/uninstall [--purge]" in done.stderr
+
+
+def test_the_readme_gives_the_commands_the_tests_run() -> None:
+    """The README's install, upgrade, uninstall and reload sections are what
+    tests/test_container.py does as the user pi."""
+    readme = (REPO / "README.md").read_text()
+    for command in (
+        "sudo bash systemd/install",
+        "git pull",
+        "sudo bash systemd/uninstall",
+        "sudo bash systemd/uninstall --purge",
+        "sudo systemctl reload reconnectd",
+    ):
+        assert command in readme, command

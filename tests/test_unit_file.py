@@ -48,25 +48,28 @@ def values(entries: list[tuple[str, str, str]], section: str, key: str) -> list[
 
 
 def executable_command() -> str:
-    """Return an ExecStart= command line that exists on this machine."""
+    """Return a command that runs reconnectd on this machine, without arguments."""
     script = Path(sys.executable).parent / "reconnectd"
     if script.is_file():
-        return f"{script} run"
-    return f"{sys.executable} -m reconnectd run"
+        return str(script)
+    return f"{sys.executable} -m reconnectd"
 
 
 @pytest.fixture
 def testable_unit(tmp_path: Path) -> Path:
-    """A copy of the unit whose ExecStart= names an installed executable.
+    """A copy of the unit whose ExecStart= and ExecReload= name an installed executable.
 
-    ``systemd-analyze verify`` checks that the command exists; the shipped
+    ``systemd-analyze verify`` checks that each command exists; the shipped
     /usr/local/bin/reconnectd does not exist here.
     """
     text = UNIT.read_text(encoding="utf-8")
     text, count = re.subn(
-        r"^ExecStart=.*$", f"ExecStart={executable_command()}", text, flags=re.MULTILINE
+        r"^(Exec\w+=)/usr/local/bin/reconnectd\b",
+        lambda match: match.group(1) + executable_command(),
+        text,
+        flags=re.MULTILINE,
     )
-    assert count == 1
+    assert count == 2
     path = tmp_path / "reconnectd.service"
     path.write_text(text, encoding="utf-8")
     return path
@@ -89,7 +92,8 @@ def test_contract_keys() -> None:
         "Type": ["notify"],
         "NotifyAccess": ["main"],
         "ExecStart": ["/usr/local/bin/reconnectd run"],
-        "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        # The config is checked as the service user before the daemon is signalled.
+        "ExecReload": ["/usr/local/bin/reconnectd check", "/bin/kill -HUP $MAINPID"],
         "WatchdogSec": ["30"],
         "Restart": ["on-failure"],
         "RestartSec": ["5"],
