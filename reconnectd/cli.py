@@ -180,7 +180,12 @@ def _check(config: Config, path: Path, online: bool, out: TextIO, journal: bool 
             octoprint.url, octoprint.api_key, octoprint.timeout, ca_file=octoprint.ca_file
         )
 
-    return online_check.check_online(config, api_for, present, out)
+    def moonraker_for(moonraker: MoonrakerConfig) -> MoonrakerApi:
+        return MoonrakerApi(
+            moonraker.url, moonraker.api_key, moonraker.timeout, ca_file=moonraker.ca_file
+        )
+
+    return online_check.check_online(config, api_for, present, out, moonraker_for)
 
 
 def _devices(config: Config, as_json: bool, out: TextIO) -> int:

@@ -50,6 +50,7 @@ else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
 DEFAULT_CONFIG_PATH = Path("/etc/reconnectd/reconnectd.toml")
 CONFIG_ENV = "RECONNECTD_CONFIG"
 ZERO_CONFIG_PRINTER = "printer"
+ZERO_CONFIG_KLIPPER = "klipper"
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
@@ -168,11 +169,12 @@ class Config:
     octoprint: OctoPrintConfig
     printers: tuple[PrinterConfig, ...]
     warnings: tuple[str, ...] = ()
+    moonraker: MoonrakerConfig = field(default_factory=lambda: MoonrakerConfig())
 
     @property
     def zero_config(self) -> bool:
         """Given a config, return whether its printers come from the built-in board table."""
-        return len(self.printers) == 1 and self.printers[0].known_boards
+        return bool(self.printers) and all(p.known_boards for p in self.printers)
 
 
 class ConfigError(Exception):
@@ -186,15 +188,21 @@ class ConfigError(Exception):
         return "\n".join(self.problems)
 
 
-def zero_config(octoprint: OctoPrintConfig | None = None) -> tuple[PrinterConfig, ...]:
-    """Given the shared OctoPrint, return the single printer that matches any known board."""
-    return (
-        PrinterConfig(
-            name=ZERO_CONFIG_PRINTER,
-            octoprint=octoprint if octoprint is not None else OctoPrintConfig(),
-            known_boards=True,
-        ),
-    )
+def zero_config(
+    octoprint: OctoPrintConfig | None = None, moonraker: MoonrakerConfig | None = None
+) -> tuple[PrinterConfig, ...]:
+    """Given the shared OctoPrint (and Moonraker), return the printers of the built-in
+    board table: one of [octoprint] for every known board but Klipper's, and, with a
+    Moonraker, one of [moonraker] for Klipper's own USB id (contract, Klipper printers)."""
+    shared = octoprint if octoprint is not None else OctoPrintConfig()
+    printers = [PrinterConfig(name=ZERO_CONFIG_PRINTER, octoprint=shared, known_boards=True)]
+    if moonraker is not None:
+        printers.append(
+            PrinterConfig(
+                name=ZERO_CONFIG_KLIPPER, octoprint=shared, known_boards=True, moonraker=moonraker
+            )
+        )
+    return tuple(printers)
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
@@ -233,7 +241,11 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
             data = handle.read()
     except FileNotFoundError:
         if origin is None:
-            return Config(source=None, octoprint=OctoPrintConfig(), printers=zero_config())
+            return Config(
+                source=None,
+                octoprint=OctoPrintConfig(),
+                printers=zero_config(OctoPrintConfig(), MoonrakerConfig()),
+            )
         raise ConfigError([f"{path}: no such file (named by {origin})"]) from None
     except (OSError, ValueError) as exc:
         raise ConfigError([f"{path}: cannot read the file: {_os_reason(exc)}"]) from None
@@ -480,8 +492,11 @@ _PRINTER_KEYS = (
     "settle",
     "poll",
     "octoprint",
+    "moonraker",
 )
-_TOP_KEYS = ("octoprint", "printer")
+_TOP_KEYS = ("octoprint", "moonraker", "printer")
+# Keys of a printer that only OctoPrint reads: Klipper's config names its serial.
+_OCTOPRINT_ONLY = ("baudrate", "profile")
 
 
 class _Checker:
@@ -509,6 +524,18 @@ class _Checker:
                     "octoprint", f"expected a table [octoprint], got {_describe(raw_octoprint)}"
                 )
         shared = OctoPrintConfig(**shared_values)
+        moonraker_values: dict[str, Any] = {}
+        raw_moonraker = document.get("moonraker", _MISSING)
+        if not isinstance(raw_moonraker, _Missing):
+            if isinstance(raw_moonraker, dict):
+                moonraker_values = self.octoprint_values(
+                    raw_moonraker, "moonraker", DEFAULT_MOONRAKER_URL
+                )
+            else:
+                self.problem(
+                    "moonraker", f"expected a table [moonraker], got {_describe(raw_moonraker)}"
+                )
+        shared_moonraker = MoonrakerConfig(**moonraker_values)
 
         printers: list[PrinterConfig] = []
         raw_printers = document.get("printer", _MISSING)
@@ -520,7 +547,7 @@ class _Checker:
                 if not isinstance(raw, dict):
                     self.problem(path, f"expected a table [[printer]], got {_describe(raw)}")
                     continue
-                printer = self.printer(raw, path, shared_values, names)
+                printer = self.printer(raw, path, shared_values, moonraker_values, names)
                 if printer is not None:
                     printers.append(printer)
                     self.own_host(printer, raw, path, hosts)
@@ -539,10 +566,14 @@ class _Checker:
         warnings = tuple(dict.fromkeys(self.warnings))
         if isinstance(raw_printers, _Missing) or not raw_printers:
             # Contract: with no [[printer]], every known board is a printer of the
-            # single [octoprint].
-            printers = list(zero_config(shared))
+            # single [octoprint], Klipper's own USB id one of [moonraker].
+            printers = list(zero_config(shared, shared_moonraker))
         return Config(
-            source=self.source, octoprint=shared, printers=tuple(printers), warnings=warnings
+            source=self.source,
+            octoprint=shared,
+            printers=tuple(printers),
+            warnings=warnings,
+            moonraker=shared_moonraker,
         )
 
     def own_host(
@@ -594,12 +625,15 @@ class _Checker:
 
     # -- [octoprint] and [printer.octoprint] --
 
-    def octoprint_values(self, table: dict[str, Any], path: str) -> dict[str, Any]:
-        """Given one OctoPrint table, return the fields it sets, checked (problems noted)."""
+    def octoprint_values(
+        self, table: dict[str, Any], path: str, example_url: str = DEFAULT_URL
+    ) -> dict[str, Any]:
+        """Given one OctoPrint (or Moonraker: the same keys) table, return the fields it
+        sets, checked (problems noted)."""
         self.unknown_keys(table, path, _OCTOPRINT_KEYS)
         values: dict[str, Any] = {}
         if "url" in table:
-            url = self.url(table["url"], _key_path(path, "url"))
+            url = self.url(table["url"], _key_path(path, "url"), example_url)
             if url is not None:
                 values["url"] = url
         if "timeout" in table:
@@ -636,13 +670,13 @@ class _Checker:
                 values.update(api_key_credential=name, api_key=key, api_key_file=None)
         return values
 
-    def url(self, value: object, path: str) -> str | None:
+    def url(self, value: object, path: str, example: str = DEFAULT_URL) -> str | None:
         if not isinstance(value, str):
-            expected = f'expected an http:// or https:// URL with a host like "{DEFAULT_URL}"'
+            expected = f'expected an http:// or https:// URL with a host like "{example}"'
             self.problem(path, f"{expected}, got {_describe(value)}")
             return None
         # The message shows the URL with any password in it masked.
-        problem = url_problem(value, DEFAULT_URL)
+        problem = url_problem(value, example)
         if problem is not None:
             self.problem(path, f"{problem}, got {_describe(shown_url(value))}")
             return None
@@ -791,6 +825,7 @@ class _Checker:
         table: dict[str, Any],
         path: str,
         shared: dict[str, Any],
+        shared_moonraker: dict[str, Any],
         names: dict[str, str],
     ) -> PrinterConfig | None:
         """Given one [[printer]] table, return it checked, or None if it has problems."""
@@ -842,27 +877,59 @@ class _Checker:
                 if key in table:
                     self.problem(_key_path(path, key), "needs vendor_id as well")
 
-        octoprint = dict(shared)
-        raw = table.get("octoprint", _MISSING)
+        octoprint = self.own_host_values(table, path, "octoprint", shared, DEFAULT_URL)
+        moonraker = self.own_host_values(
+            table, path, "moonraker", shared_moonraker, DEFAULT_MOONRAKER_URL
+        )
+        klipper = isinstance(table.get("moonraker"), dict)
+        if klipper and isinstance(table.get("octoprint"), dict):
+            self.problem(
+                path,
+                "has both [printer.octoprint] and [printer.moonraker]: a printer is driven by "
+                "OctoPrint or by Klipper (through Moonraker), keep one",
+            )
+        if klipper:
+            for key in _OCTOPRINT_ONLY:
+                if key in table:
+                    self.problem(
+                        _key_path(path, key),
+                        f"does not apply to a Klipper printer ([printer.moonraker]): Klipper's "
+                        f"own config sets the serial line; remove {key}",
+                    )
+
+        if len(self.problems) > before:
+            return None
+        fields = {key: value for key, value in values.items() if value is not None}
+        if klipper:
+            fields["moonraker"] = MoonrakerConfig(**moonraker)
+        return PrinterConfig(octoprint=OctoPrintConfig(**octoprint), **fields)
+
+    def own_host_values(
+        self,
+        table: dict[str, Any],
+        path: str,
+        kind: str,
+        shared: dict[str, Any],
+        example_url: str,
+    ) -> dict[str, Any]:
+        """Given a [[printer]] table, return its [printer.octoprint] (or
+        [printer.moonraker]) values over the shared table's."""
+        values = dict(shared)
+        raw = table.get(kind, _MISSING)
         if isinstance(raw, dict):
-            override = self.octoprint_values(raw, _key_path(path, "octoprint"))
+            override = self.octoprint_values(raw, _key_path(path, kind), example_url)
             if any(key in raw for key in _KEY_SOURCES):
                 # The key and where it comes from are one setting: a printer that
                 # names its own key file must not also inherit an inline key (that
                 # would be "both").
                 for key in _KEY_SOURCES:
-                    octoprint.pop(key, None)
-            octoprint.update(override)
+                    values.pop(key, None)
+            values.update(override)
         elif not isinstance(raw, _Missing):
             self.problem(
-                _key_path(path, "octoprint"),
-                f"expected a table [printer.octoprint], got {_describe(raw)}",
+                _key_path(path, kind), f"expected a table [printer.{kind}], got {_describe(raw)}"
             )
-
-        if len(self.problems) > before:
-            return None
-        fields = {key: value for key, value in values.items() if value is not None}
-        return PrinterConfig(octoprint=OctoPrintConfig(**octoprint), **fields)
+        return values
 
     def optional(
         self,

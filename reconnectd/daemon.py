@@ -144,7 +144,8 @@ def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
         baudrate=config.baudrate,
         profile=config.profile,
         dry_run=dry_run,
-        only_known_devices=config.known_boards,
+        # Klipper's own USB id is Klipper's alone: no stick shares it.
+        only_known_devices=config.known_boards and config.moonraker is None,
         host="Klippy" if config.moonraker is not None else "OctoPrint",
         # Klippy notices a lost MCU 4.5 to 5.5 s after it went (klipper-facts).
         recheck_after_return=10.0 if config.moonraker is not None else 5.0,
@@ -701,10 +702,12 @@ class Daemon:
         config = self._config
         if config.zero_config:
             log.info(
-                "reconnectd %s: %s, so every known printer board is the printer of OctoPrint at %s",
+                "reconnectd %s: %s, so every known printer board is the printer of OctoPrint "
+                "at %s, and a board running Klipper that of Moonraker at %s",
                 __version__,
                 f"no [[printer]] in {config.source}" if config.source else "no config file",
                 config.octoprint.shown_url,
+                config.moonraker.shown_url,
             )
         else:
             log.info(

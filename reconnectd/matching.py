@@ -14,13 +14,15 @@ def printer_matches(printer: PrinterConfig, device: Device) -> bool:
 
     A configured ``port`` matches the device it names (node or udev link); the
     USB ids match when vendor, product (if set), serial (if set) and USB path (if
-    set) agree. Either is enough. The zero-config printer matches any board of
-    the built-in table.
+    set) agree. Either is enough. A zero-config printer matches the boards of the
+    built-in table that are its host's: Klipper's own id the Moonraker one's, every
+    other board the OctoPrint one's.
     """
     if printer.port is not None and printer.port in (device.node, *device.links):
         return True
     if printer.known_boards:
-        return known_board(device.vendor_id, device.product_id) is not None
+        board = known_board(device.vendor_id, device.product_id)
+        return board is not None and board.klipper == (printer.moonraker is not None)
     if printer.vendor_id is None or device.vendor_id != printer.vendor_id:
         return False
     if printer.product_id is not None and device.product_id != printer.product_id:

@@ -13,15 +13,17 @@ with 403.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
-from reconnectd.config import Config, OctoPrintConfig, PrinterConfig
+from reconnectd.config import Config, MoonrakerConfig, OctoPrintConfig, PrinterConfig
 from reconnectd.core import choose_port
 from reconnectd.devices import Device
 from reconnectd.host import CommandResult, HostView, ReadResult, Refused, Unreachable
 from reconnectd.matching import matching_printers
+from reconnectd.moonraker_state import mcu_serials
 
 PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
 
@@ -60,12 +62,25 @@ def check_online(
     api_for: Callable[[OctoPrintConfig], OctoPrint],
     present: Callable[[PrinterConfig], list[Device]],
     out: TextIO,
+    moonraker_for: Callable[[MoonrakerConfig], Moonraker] | None = None,
 ) -> int:
-    """Given a config, a client factory and what devices each printer has now, print
+    """Given a config, client factories and what devices each printer has now, print
     a line per finding to ``out`` and return the exit code of the worst."""
     findings: list[Finding] = []
     views: dict[OctoPrintConfig, HostView] = {}
-    targets = [config.octoprint] if config.zero_config else [p.octoprint for p in config.printers]
+    octoprint_printers = [p for p in config.printers if p.moonraker is None]
+    klipper_printers = [p for p in config.printers if p.moonraker is not None]
+    targets = (
+        [config.octoprint] if config.zero_config else [p.octoprint for p in octoprint_printers]
+    )
+    if moonraker_for is not None:
+        for printer in klipper_printers:
+            devices = present(printer)
+            if printer.known_boards and not devices:
+                continue  # zero config and no board running Klipper: no Moonraker to ask
+            for finding in check_klipper(printer, moonraker_for, devices):
+                findings.append(finding)
+                print(finding.line, file=out)
     for octoprint in dict.fromkeys(targets):
         api = api_for(octoprint)
         try:
@@ -76,7 +91,7 @@ def check_online(
         print(findings[-1].line, file=out)
         if view is not None:
             views[octoprint] = view
-    for printer in config.printers:
+    for printer in octoprint_printers:
         view = views.get(printer.octoprint)
         if view is None:
             continue  # its OctoPrint already has a finding of its own
@@ -87,6 +102,65 @@ def check_online(
             findings.append(finding)
             print(finding.line, file=out)
     return worst(findings)
+
+
+class Moonraker(Protocol):
+    """What the check needs of a Moonraker client: ``moonraker_api.MoonrakerApi``."""
+
+    def server_info(self) -> dict[str, Any] | Unreachable | Refused: ...
+    def mcu_serials(self) -> dict[str, Any] | Unreachable | Refused: ...
+    def close(self) -> None: ...
+
+
+def check_klipper(
+    printer: PrinterConfig,
+    moonraker_for: Callable[[MoonrakerConfig], Moonraker],
+    devices: list[Device],
+) -> list[Finding]:
+    """Given a Klipper printer, a client factory and its devices present now, return
+    whether Moonraker answers and takes the key, what Klippy reports, and whether the
+    matched device is the one Klipper's ``[mcu] serial`` names (a warning when not)."""
+    assert printer.moonraker is not None
+    url = printer.moonraker.shown_url
+    api = moonraker_for(printer.moonraker)
+    try:
+        info = api.server_info()
+        if isinstance(info, Unreachable):
+            return [Finding(UNREACHABLE, f"{url}: unreachable: {info.reason}")]
+        if isinstance(info, Refused):
+            code = NO_PERMISSION if info.key_rejected else UNREACHABLE
+            return [Finding(code, f"{url}: {info.reason}")]
+        state = info.get("klippy_state", "unknown")
+        findings = [Finding(OK, f"{url}: OK: Moonraker answers; Klippy is {state}")]
+        settings = api.mcu_serials()
+    finally:
+        api.close()
+    if not isinstance(settings, dict):
+        reason = settings.reason
+        findings.append(Finding(OK, f"{printer.name}: cannot read Klipper's MCUs: {reason}"))
+        return findings
+    serial = mcu_serials(settings).get("mcu")
+    for device in devices:
+        if serial is None:
+            line = f"{printer.name}: warning: Klipper's config names no [mcu] serial"
+        elif _same_node(serial, device):
+            line = f"{printer.name}: {device.node} is Klipper's [mcu] serial ({serial})"
+        else:
+            line = (
+                f"{printer.name}: warning: {device.node} matches this printer, but Klipper's "
+                f"[mcu] serial is {serial}, not {device.paths[0]}: is it the right board?"
+            )
+        findings.append(Finding(OK, line))
+    if not devices:
+        findings.append(Finding(OK, f"{printer.name}: no device present now; nothing to match"))
+    return findings
+
+
+def _same_node(path: str, device: Device) -> bool:
+    """Whether ``path`` names the device: one of its paths, or a link resolving to it."""
+    if path in device.paths:
+        return True
+    return os.path.realpath(path) == os.path.realpath(device.node)
 
 
 def check_octoprint(api: OctoPrint) -> tuple[Finding, HostView | None]:

@@ -20,11 +20,13 @@ from reconnectd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    MoonrakerConfig,
     OctoPrintConfig,
     PrinterConfig,
     config_path,
     exposure,
     load_config,
+    missing_keys,
     parse_config,
 )
 from tests.support.tls import Pki, make_pki
@@ -70,7 +72,7 @@ MALFORMED = [
     ),
     pytest.param(
         'frobnicate = 1\n[octoprint]\nurl = "http://octopi.local"\n',
-        ['frobnicate: unknown key "frobnicate" (expected one of: octoprint, printer)'],
+        ['frobnicate: unknown key "frobnicate" (expected one of: octoprint, moonraker, printer)'],
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -87,7 +89,8 @@ MALFORMED = [
         PRINTER_PORT + '"odd key" = 1\n',
         [
             'printer[0]."odd key": unknown key "odd key" (expected one of: name, vendor_id,'
-            " product_id, serial, usb_path, port, baudrate, profile, settle, poll, octoprint)"
+            " product_id, serial, usb_path, port, baudrate, profile, settle, poll, octoprint,"
+            " moonraker)"
         ],
         id="unknown-quoted-key",
     ),
@@ -1016,8 +1019,15 @@ def test_printer_overrides_octoprint_key_by_key(tmp_path: Path) -> None:
 def test_no_printer_means_known_boards(text: str) -> None:
     config = parse_config(text, SOURCE)
     assert config.zero_config
-    (printer,) = config.printers
-    assert printer == PrinterConfig(name="printer", octoprint=config.octoprint, known_boards=True)
+    octoprint, klipper = config.printers
+    assert octoprint == PrinterConfig(name="printer", octoprint=config.octoprint, known_boards=True)
+    # Klipper's own USB id belongs to [moonraker] (contract, Klipper printers).
+    assert klipper == PrinterConfig(
+        name="klipper",
+        octoprint=config.octoprint,
+        known_boards=True,
+        moonraker=MoonrakerConfig(),
+    )
     assert config.source == SOURCE
 
 
@@ -1053,7 +1063,15 @@ def test_missing_default_file_is_zero_config(
     assert config == Config(
         source=None,
         octoprint=OctoPrintConfig(),
-        printers=(PrinterConfig(name="printer", octoprint=OctoPrintConfig(), known_boards=True),),
+        printers=(
+            PrinterConfig(name="printer", octoprint=OctoPrintConfig(), known_boards=True),
+            PrinterConfig(
+                name="klipper",
+                octoprint=OctoPrintConfig(),
+                known_boards=True,
+                moonraker=MoonrakerConfig(),
+            ),
+        ),
     )
     assert config.zero_config
 
@@ -1726,3 +1744,73 @@ def test_the_service_group_may_read_a_secret_whoever_checks_it(
     assert exposure(file, status, 0, 0) is None
     monkeypatch.setattr(config_module, "SERVICE_GROUP", "no-such-group-here")
     assert exposure(file, status, 0, 0) == ("group nogroup", f"chmod 600 {file}")
+
+
+# --- Klipper printers: [moonraker] and [printer.moonraker] ---------------------------
+
+
+def test_a_printer_with_a_moonraker_table_is_klippers_and_inherits_moonraker() -> None:
+    config = parse_config(
+        '[moonraker]\nurl = "http://voron.local:7125"\ntimeout = 3\n\n'
+        '[[printer]]\nname = "voron"\nvendor_id = "1d50"\nproduct_id = "614e"\n'
+        "[printer.moonraker]\n\n"
+        '[[printer]]\nname = "v0"\nvendor_id = "1d50"\nproduct_id = "614e"\nserial = "ABC"\n'
+        '[printer.moonraker]\nurl = "http://127.0.0.1:7126"\n\n'
+        '[[printer]]\nname = "mk3s"\nvendor_id = "2c99"\n'
+        '[printer.octoprint]\nurl = "http://127.0.0.1:5000"\napi_key = "K"\n',
+        SOURCE,
+    )
+    voron, v0, mk3s = config.printers
+    assert voron.moonraker == MoonrakerConfig(url="http://voron.local:7125", timeout=3.0)
+    assert voron.host is voron.moonraker
+    assert v0.moonraker == MoonrakerConfig(url="http://127.0.0.1:7126", timeout=3.0)
+    assert mk3s.moonraker is None and mk3s.host is mk3s.octoprint
+    assert config.moonraker.url == "http://voron.local:7125"
+
+
+@pytest.mark.parametrize(
+    ("printer", "message"),
+    [
+        (
+            '[printer.octoprint]\nurl = "http://h:5000"\n[printer.moonraker]\n',
+            "printer[0]: has both [printer.octoprint] and [printer.moonraker]: a printer is "
+            "driven by OctoPrint or by Klipper (through Moonraker), keep one",
+        ),
+        (
+            "baudrate = 250000\n[printer.moonraker]\n",
+            "printer[0].baudrate: does not apply to a Klipper printer ([printer.moonraker]): "
+            "Klipper's own config sets the serial line; remove baudrate",
+        ),
+        (
+            'profile = "x"\n[printer.moonraker]\n',
+            "printer[0].profile: does not apply to a Klipper printer",
+        ),
+        ("moonraker = 5\n", "printer[0].moonraker: expected a table [printer.moonraker], got 5"),
+        (
+            '[printer.moonraker]\nurl = "ftp://h"\n',
+            "printer[0].moonraker.url: expected an http:// or https:// URL",
+        ),
+        ("[printer.moonraker]\nport = 7125\n", 'printer[0].moonraker.port: unknown key "port"'),
+    ],
+)
+def test_klipper_printer_mistakes_are_named(printer: str, message: str) -> None:
+    text = f'[[printer]]\nname = "voron"\nvendor_id = "1d50"\n{printer}'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, SOURCE)
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_two_klipper_printers_on_one_moonraker_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"both use the Moonraker at http://127\.0\.0\.1:7125"):
+        parse_config(
+            '[[printer]]\nname = "a"\nvendor_id = "1d50"\n[printer.moonraker]\n'
+            '[[printer]]\nname = "b"\nvendor_id = "1d50"\nserial = "B"\n[printer.moonraker]\n',
+            SOURCE,
+        )
+
+
+def test_a_klipper_printer_needs_no_octoprint_key_to_pass_check() -> None:
+    config = parse_config(
+        '[[printer]]\nname = "voron"\nvendor_id = "1d50"\n[printer.moonraker]\n', SOURCE
+    )
+    assert missing_keys(config, SOURCE) == []

@@ -263,7 +263,7 @@ def test_install_on_a_fresh_system_enables_and_starts_the_service(box: Box) -> N
     # The daemon's own STATUS= line, as `systemctl status` shows it: the example
     # config has no [[printer]], and no printer board is plugged in.
     status = box.systemctl("status", "reconnectd").stdout
-    assert 'Status: "printer: absent"' in status, status
+    assert 'Status: "printer: absent · klipper: absent"' in status, status
     assert "Main PID:" in status and "/usr/local/bin/reconnectd run" in status
 
 
