@@ -18,7 +18,8 @@ testbed of their own that the idle daemon never hears of):
    the poller's;
 3. events: one printer power-cycled again and again, udev add -> connect POST;
    then add/remove events by the thousand, RSS before and after;
-4. storm: 32 printers unplugged and replugged within 200 ms.
+4. storm: 32 printers unplugged and replugged within 200 ms;
+5. klipper: a real Klippy and Moonraker, the board switched off and on (bench/klipper.py).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ from typing import Any, Callable
 import requests
 
 from bench import report
+from bench.klipper import measure_klipper
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fake_marlin import FakeMarlin
 from tests.support.fake_octoprint import OPERATIONAL, FakeOctoPrint, ports_under, printer_under
+from tests.support.klipper_build import find_build
 from tests.support.octoprint_instance import OctoPrintInstance, octoprint_bin
 from tests.support.printers import SimulatedPrinters
 from tests.support.testbed import (
@@ -94,6 +97,8 @@ class Plan:
     real_cycles: int
     poller_cycles: int
     off_seconds: tuple[float, float]  # how long a printer stays off in a replug cycle
+    klipper_cycles: int
+    klipper_idle_seconds: float
 
 
 FULL = Plan(
@@ -108,6 +113,8 @@ FULL = Plan(
     real_cycles=12,
     poller_cycles=10,
     off_seconds=(2.0, 10.0),
+    klipper_cycles=6,
+    klipper_idle_seconds=120.0,
 )
 QUICK = Plan(
     mode="quick",
@@ -121,8 +128,10 @@ QUICK = Plan(
     real_cycles=3,
     poller_cycles=2,
     off_seconds=(2.0, 10.0),
+    klipper_cycles=2,
+    klipper_idle_seconds=20.0,
 )
-PHASES = ("startup", "idle", "real", "events", "storm")
+PHASES = ("startup", "idle", "real", "events", "storm", "klipper")
 
 
 @dataclass
@@ -970,6 +979,25 @@ def run(plan: Plan, phases: Sequence[str], workdir: Path) -> dict[str, Any]:
             measure_events(events_bed, where.sub("events"), plan, results)
         if "storm" in phases:
             measure_storm(main_bed, where.sub("storm"), plan, results)
+        if "klipper" in phases:
+            build = find_build()
+            if isinstance(build, str):
+                results.notes.append(f"no Klipper stack ({build}): the Klipper figures are null")
+            else:
+                progress(f"Klipper: {plan.klipper_cycles} replugs each, a burst, idle")
+                klipper_bed = stack.enter_context(open_testbed(workdir / "testbed-klipper", tmpdir))
+                klipper_where = where.sub("klipper")
+                figures, details = measure_klipper(
+                    klipper_bed,
+                    build,
+                    klipper_where.logs,
+                    cycles=plan.klipper_cycles,
+                    idle_seconds=plan.klipper_idle_seconds,
+                    settle=SETTLE,
+                    daemon_env=lambda: bytecode_env(klipper_where),
+                )
+                results.figures.update(figures)
+                results.details.update(details)
     results.notes.append(
         "idle_requests_per_hour and poller_idle_requests_per_hour are extrapolated from the "
         f"requests counted over the idle window ({plan.idle_seconds:g} s or a little longer)"

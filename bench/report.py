@@ -87,15 +87,45 @@ FIGURES: tuple[Figure, ...] = (
         "<=",
     ),
     Figure("storm_connects", "", "connects per storm of 32 printers", 32.0, "=="),
+    Figure(
+        "klipper_replug_overhead_s_p50",
+        "s",
+        "Klipper board switched on -> Klippy ready, minus the settle window and Klippy's own "
+        "restart time (measured in the same run); median",
+        0.3,
+        "<=",
+    ),
+    Figure(
+        "klipper_restarts_per_burst",
+        "",
+        "FIRMWARE_RESTARTs sent for a Klipper board announced 3 times within 0.2 s",
+        1.0,
+        "==",
+    ),
+    Figure(
+        "klipper_idle_requests_per_hour",
+        "",
+        "HTTP requests to Moonraker per idle hour, Klippy ready",
+        0.0,
+        "<=",
+    ),
 )
 
 # Shown beside ours: a poller doing what the OctoPrint reconnect plugins do.
+# And a udev rule that posts FIRMWARE_RESTART on every add: what Klipper users run today.
 COMPARISON_KEYS: tuple[str, ...] = (
     "poller_replug_to_operational_s_p50",
     "poller_idle_requests_per_hour",
+    "udev_rule_replug_to_ready_s_p50",
+    "udev_rule_restarts_per_burst",
 )
 
-COMPARISON_UNITS = {"poller_replug_to_operational_s_p50": "s", "poller_idle_requests_per_hour": ""}
+COMPARISON_UNITS = {
+    "poller_replug_to_operational_s_p50": "s",
+    "poller_idle_requests_per_hour": "",
+    "udev_rule_replug_to_ready_s_p50": "s",
+    "udev_rule_restarts_per_burst": "",
+}
 
 KEYS: tuple[str, ...] = tuple(f.key for f in FIGURES) + COMPARISON_KEYS
 
@@ -186,7 +216,8 @@ def text_table(document: Mapping[str, Any]) -> str:
     for key in COMPARISON_KEYS:
         value = document.get(key)
         shown = "not measured" if value is None else f"{value:g} {COMPARISON_UNITS[key]}".strip()
-        rows.append((key, shown, "(the poller)", ""))
+        who = "(the udev rule)" if key.startswith("udev_rule") else "(the poller)"
+        rows.append((key, shown, who, ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows

@@ -28,6 +28,8 @@ FIGURE_KEYS = (
     "idle_cpu_ms_per_min",
     "idle_requests_per_hour",
     "storm_all_operational_s",
+    "klipper_replug_overhead_s_p50",
+    "klipper_idle_requests_per_hour",
 )
 
 
@@ -98,10 +100,14 @@ def test_per_hour_extrapolates_the_window() -> None:
 
 
 def test_every_figure_of_the_issue_has_a_target() -> None:
-    assert set(FIGURE_KEYS) | {"storm_connects"} == {f.key for f in report.FIGURES}
+    assert set(FIGURE_KEYS) | {"storm_connects", "klipper_restarts_per_burst"} == {
+        f.key for f in report.FIGURES
+    }
     assert {
         "poller_replug_to_operational_s_p50",
         "poller_idle_requests_per_hour",
+        "udev_rule_replug_to_ready_s_p50",
+        "udev_rule_restarts_per_burst",
     } == set(report.COMPARISON_KEYS)
 
 
@@ -168,6 +174,10 @@ def test_report_shape_with_figures() -> None:
     figures["storm_connects"] = 32
     figures["idle_requests_per_hour"] = 0.0
     figures["poller_idle_requests_per_hour"] = 720.0
+    figures["klipper_replug_overhead_s_p50"] = 0.2
+    figures["klipper_restarts_per_burst"] = 1
+    figures["klipper_idle_requests_per_hour"] = 0.0
+    figures["udev_rule_restarts_per_burst"] = 3
     document = _document(figures)
     assert report.missing_keys(document) == []
     assert document["event_to_post_ms_p50"] == 1.0
@@ -181,6 +191,12 @@ def test_report_shape_with_figures() -> None:
         if line.startswith("poller_idle_requests_per_hour")
     )
     assert row.split() == ["poller_idle_requests_per_hour", "720", "(the", "poller)"]
+    rule = next(
+        line
+        for line in report.text_table(document).splitlines()
+        if line.startswith("udev_rule_restarts_per_burst")
+    )
+    assert rule.split() == ["udev_rule_restarts_per_burst", "3", "(the", "udev", "rule)"]
     assert document["mode"] == "quick"
     assert document["notes"] == ["a note"]
     assert {"machine", "details", "targets", "met", "mode", "notes"} <= set(document)
