@@ -58,6 +58,9 @@ DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
 SERVICE_GROUP = "reconnectd"
 TIMEOUT_MAX = 60.0  # seconds; a longer request would starve the watchdog ping
 SETTLE_MAX = 600.0
+STUCK_AFTER_MAX = 600.0
+# A day, as for poll: the backoff of a printer that never answers.
+RETRY_MAX = 86400.0
 # Each attempt at a silent printer holds OctoPrint ~40 s, so polling faster than
 # every 5 s would keep OctoPrint permanently busy connecting.
 POLL_MIN = 5.0
@@ -150,6 +153,11 @@ class PrinterConfig:
     poll: float = 0.0
     known_boards: bool = False
     moonraker: MoonrakerConfig | None = None
+    # How long "Opening serial connection" may last before it counts as stuck (rule 6),
+    # and the backoff of failed connects (rule 7): the contract's numbers by default.
+    stuck_after: float = 20.0
+    retry_first: float = 5.0
+    retry_max: float = 300.0
 
     @property
     def host(self) -> OctoPrintConfig | MoonrakerConfig:
@@ -493,6 +501,9 @@ _PRINTER_KEYS = (
     "poll",
     "octoprint",
     "moonraker",
+    "stuck_after",
+    "retry_first",
+    "retry_max",
 )
 _TOP_KEYS = ("octoprint", "moonraker", "printer")
 # Keys of a printer that only OctoPrint reads: Klipper's config names its serial.
@@ -867,6 +878,29 @@ class _Checker:
             )
         if "poll" in table:
             values["poll"] = self.poll(table["poll"], _key_path(path, "poll"))
+        # A slow board (ModemManager holding a new ttyACM, OctoPrint 2.0's "Connecting"
+        # that covers the firmware's greeting) needs longer than 20 s; under a second
+        # would take every opening port for stuck.
+        if "stuck_after" in table:
+            values["stuck_after"] = self.seconds(
+                table["stuck_after"], _key_path(path, "stuck_after"), 1.0, STUCK_AFTER_MAX
+            )
+        if "retry_first" in table:
+            values["retry_first"] = self.seconds(
+                table["retry_first"], _key_path(path, "retry_first"), 1.0, RETRY_MAX
+            )
+        if "retry_max" in table:
+            values["retry_max"] = self.seconds(
+                table["retry_max"], _key_path(path, "retry_max"), 1.0, RETRY_MAX
+            )
+        first = values.get("retry_first", PrinterConfig.retry_first)
+        cap = values.get("retry_max", PrinterConfig.retry_max)
+        if first is not None and cap is not None and cap < first:
+            self.problem(
+                _key_path(path, "retry_max"),
+                f"must be at least retry_first ({first:g} s), got {cap:g}"
+                + ("" if "retry_max" in table else " (the default)"),
+            )
 
         # Cross-checks only for keys that are absent: a present but malformed
         # vendor_id has its own message already.

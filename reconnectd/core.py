@@ -114,9 +114,13 @@ class CoreSettings:
     host: str = "OctoPrint"
     # After the device came back, a host that still reports the printer connected may
     # not have noticed the old line died yet: OctoPrint notices in 0.1 s, Klippy in
-    # 4.5 to 5.5 s. It is looked at again, every CONFIRM_CAP, until this long after
+    # 4.5 to 5.5 s. It is looked at again, every RECHECK_EVERY, until this long after
     # the return.
     recheck_after_return: float = 5.0
+    # The config's stuck_after, retry_first and retry_max (defaults: the contract's).
+    stuck_after: float = STUCK_AFTER
+    retry_first: float = RETRY_FIRST
+    retry_cap: float = RETRY_CAP
 
 
 # --- actions ------------------------------------------------------------------
@@ -520,9 +524,10 @@ class PrinterCore:
         if self._opening_since is None:
             self._opening_since = now
         stuck_for = now - self._opening_since
-        if stuck_for < STUCK_AFTER:
+        stuck_after = self.settings.stuck_after
+        if stuck_for < stuck_after:
             self.state = State.CONNECTING
-            self._deadline = min(now + self._confirm_delay(), self._opening_since + STUCK_AFTER)
+            self._deadline = min(now + self._confirm_delay(), self._opening_since + stuck_after)
             return []
         # Rule 6: only a disconnect ends this state; a connect would be ignored.
         self._opening_since = None
@@ -678,7 +683,7 @@ class PrinterCore:
         less and less often (its board's return sends no event for this printer)."""
         quiet = self.state == State.WAITING and self.reason.endswith(missing)
         self.state = State.WAITING
-        self._deadline = now + min(RETRY_FIRST * 2.0**self._waits, WAIT_CAP)
+        self._deadline = now + min(self.settings.retry_first * 2.0**self._waits, WAIT_CAP)
         self._waits += 1
         return [self._decided(now, "wait", f"not restarting: {missing}", quiet=quiet)]
 
@@ -732,7 +737,8 @@ class PrinterCore:
         quiet = self.state == State.NO_PORT
         self.state = State.NO_PORT
         offered = ", ".join(view.ports) or "none"
-        self._deadline = now + min(UNLISTED_RETRY * 2.0**self._unlisted_looks, RETRY_CAP)
+        cap = self.settings.retry_cap
+        self._deadline = now + min(UNLISTED_RETRY * 2.0**self._unlisted_looks, cap)
         self._unlisted_looks += 1
         return [
             self._decided(
@@ -763,7 +769,8 @@ class PrinterCore:
         return self._schedule_retry(now, why)
 
     def _schedule_retry(self, now: float, why: str) -> list[Action]:
-        delay = retry_delay(self.attempts, self.settings.poll)
+        settings = self.settings
+        delay = retry_delay(self.attempts, settings.poll, settings.retry_first, settings.retry_cap)
         quiet = why == self._failing
         self._failing = why
         self.state = State.RETRY_WAIT
@@ -927,15 +934,21 @@ class PrinterCore:
         return Log(level, f"{self.settings.name}: {message}")
 
 
-def retry_delay(failed_attempts: int, poll: float = 0.0) -> float:
+def retry_delay(
+    failed_attempts: int,
+    poll: float = 0.0,
+    first: float = RETRY_FIRST,
+    cap: float = RETRY_CAP,
+) -> float:
     """Given the number of failed connects, return seconds until the next one.
 
-    5 s doubling to 300 s (contract rule 7). A polled printer backs off from its
-    poll period instead, to the same cap (or to the poll period, if longer): every
-    attempt at a silent printer costs OctoPrint ~40 s and a thread (#5420).
+    5 s doubling to 300 s by default (contract rule 7; the config's retry_first and
+    retry_max). A polled printer backs off from its poll period instead, to the same
+    cap (or to the poll period, if longer): every attempt at a silent printer costs
+    OctoPrint ~40 s and a thread (#5420).
     """
-    first = max(poll, RETRY_FIRST)
-    return min(first * 2.0 ** max(failed_attempts - 1, 0), max(RETRY_CAP, poll))
+    start = max(poll, first)
+    return min(start * 2.0 ** max(failed_attempts - 1, 0), max(cap, poll))
 
 
 def choose_port(device: Device, offered: tuple[str, ...], configured: str | None) -> str | None:

@@ -149,6 +149,9 @@ def settings_for(config: PrinterConfig, dry_run: bool) -> CoreSettings:
         host="Klippy" if config.moonraker is not None else "OctoPrint",
         # Klippy notices a lost MCU 4.5 to 5.5 s after it went (klipper-facts).
         recheck_after_return=10.0 if config.moonraker is not None else 5.0,
+        stuck_after=config.stuck_after,
+        retry_first=config.retry_first,
+        retry_cap=config.retry_max,
     )
 
 

@@ -1814,3 +1814,34 @@ def test_a_klipper_printer_needs_no_octoprint_key_to_pass_check() -> None:
         '[[printer]]\nname = "voron"\nvendor_id = "1d50"\n[printer.moonraker]\n', SOURCE
     )
     assert missing_keys(config, SOURCE) == []
+
+
+def test_the_timings_of_rules_6_and_7_can_be_set_per_printer() -> None:
+    config = parse_config(
+        PRINTER_PORT + "stuck_after = 45\nretry_first = 2\nretry_max = 60\n", SOURCE
+    )
+    (printer,) = config.printers
+    assert (printer.stuck_after, printer.retry_first, printer.retry_max) == (45.0, 2.0, 60.0)
+    default = parse_config(PRINTER_PORT, SOURCE).printers[0]
+    assert (default.stuck_after, default.retry_first, default.retry_max) == (20.0, 5.0, 300.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stuck_after = 0.5\n", "printer[0].stuck_after: must be at least 1 and at most 600"),
+        ('retry_first = "5"\n', 'printer[0].retry_first: expected a number of seconds, got "5"'),
+        (
+            "retry_first = 30\nretry_max = 10\n",
+            "printer[0].retry_max: must be at least retry_first (30 s), got 10",
+        ),
+        (
+            "retry_first = 600\n",
+            "printer[0].retry_max: must be at least retry_first (600 s), got 300 (the default)",
+        ),
+    ],
+)
+def test_timings_out_of_range_are_named(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(PRINTER_PORT + text, SOURCE)
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems

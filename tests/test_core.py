@@ -1184,3 +1184,17 @@ def test_a_connection_on_another_port_does_not_vouch_for_the_device() -> None:
     b.advance(1)
     b.answer(view("Operational", port="/dev/ttyUSB7"))
     assert "known_devices" not in b.core.memory()
+
+
+def test_the_stuck_time_and_the_backoff_are_the_printers_settings() -> None:
+    b = bench(stuck_after=3.0, retry_first=1.0, retry_cap=4.0)
+    b.add()
+    b.advance(1)
+    b.answer(CLOSED)
+    b.done()
+    opened = b.now
+    while not any(isinstance(r, Disconnect) for r in b.requests):
+        b.advance(1)
+        b.answer(view("Opening serial connection"))
+    assert b.now - opened == pytest.approx(3.0, abs=0.51), "recovered after stuck_after"
+    assert [retry_delay(n, 0, 1.0, 4.0) for n in range(1, 5)] == [1.0, 2.0, 4.0, 4.0]

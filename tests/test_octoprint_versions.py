@@ -51,6 +51,9 @@ def version_bench(
         missing(f"no OctoPrint {version} at {binary} (tests/bootstrap installs it)")
     with open_bench(tmp_path_factory.mktemp(f"octoprint-{version}"), binary) as bench:
         assert bench.octoprint.version == version
+        # The stuck state is waited for at the contract's 20 s on 1.11.8
+        # (test_end_to_end.py); here the same rule with a shorter setting.
+        bench.timings = "stuck_after = 3\nretry_first = 1\n"
         yield bench
 
 

@@ -36,6 +36,10 @@ class Bench:
     workdir: Path
     stuck_node: Path
     printers: SimulatedPrinters
+    # Extra [[printer]] lines for every daemon this bench starts: the version runs give
+    # shorter stuck_after and retry_first (tests/test_octoprint_versions.py); the 1.11.8
+    # run keeps the contract's own timings.
+    timings: str = ""
 
     def plug(self, serial: str, *, silent: bool = False) -> tuple[Plugged, FakeMarlin]:
         """Switch the printer on: its USB device appears and its firmware answers."""
@@ -63,7 +67,7 @@ class Bench:
             'product_id = "0002"\n'
             f'serial = "{serial}"\n'
             f"settle = {settle}\n"
-            f"poll = {poll}\n"
+            f"poll = {poll}\n" + self.timings
         )
 
     def daemon(self, name: str, serial: str, **kw: object) -> DaemonProcess:
