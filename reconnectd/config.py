@@ -89,8 +89,8 @@ _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
-class OctoPrintConfig:
-    """How to reach one OctoPrint instance.
+class HostConfig:
+    """How to reach one printer host: an OctoPrint, or a Moonraker in front of Klipper.
 
     ``api_key`` holds the key whether it was written inline, read from
     ``api_key_file`` (then ``api_key_file`` is the absolute path it came from) or
@@ -113,24 +113,16 @@ class OctoPrintConfig:
 
 
 @dataclass(frozen=True)
-class MoonrakerConfig:
-    """How to reach one Moonraker, the API server in front of a Klipper host.
+class OctoPrintConfig(HostConfig):
+    """How to reach one OctoPrint (``api_key`` sent as ``X-Api-Key``)."""
 
-    Like :class:`OctoPrintConfig`: ``api_key`` (sent as ``X-Api-Key``; a trusted
-    client needs none) is left out of ``repr``.
-    """
+
+@dataclass(frozen=True)
+class MoonrakerConfig(HostConfig):
+    """How to reach one Moonraker, the API server in front of a Klipper host
+    (``api_key`` sent as ``X-Api-Key``; a client Moonraker trusts needs none)."""
 
     url: str = DEFAULT_MOONRAKER_URL
-    api_key: str | None = field(default=None, repr=False)
-    api_key_file: Path | None = None
-    timeout: float = 5.0
-    api_key_credential: str | None = None
-    ca_file: Path | None = None
-
-    @property
-    def shown_url(self) -> str:
-        """The URL as every message, log line and status shows it: a password masked."""
-        return shown_url(self.url)
 
 
 @dataclass(frozen=True)

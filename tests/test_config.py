@@ -90,7 +90,7 @@ MALFORMED = [
         [
             'printer[0]."odd key": unknown key "odd key" (expected one of: name, vendor_id,'
             " product_id, serial, usb_path, port, baudrate, profile, settle, poll, octoprint,"
-            " moonraker)"
+            " moonraker, stuck_after, retry_first, retry_max)"
         ],
         id="unknown-quoted-key",
     ),

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from reconnectd.hold_store import HoldStore, parse_state
 from reconnectd.jsonfiles import MAX_BYTES, write_json_atomic
+from tests.support.hostile_json import dump
+from tests.support.hostile_json import json_values as hostile_json_values
 
 GOOD: dict[str, object] = {
     "version": 1,
@@ -126,36 +128,7 @@ def test_a_change_undone_while_the_disk_failed_needs_no_write(tmp_path: Path) ->
 # --- fuzzing the reader -----------------------------------------------------------
 
 
-class Huge:
-    """An integer literal too long for Python 3.11+ to read (its digits limit)."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-
-def dump(value: object) -> str:
-    """json.dumps, with Huge written as its digits (json.dumps cannot write them)."""
-    if isinstance(value, Huge):
-        return "7" * value.digits
-    if isinstance(value, list):
-        return "[" + ", ".join(dump(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)}: {dump(v)}" for k, v in value.items()) + "}"
-    return json.dumps(value)
-
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.builds(Huge, st.integers(min_value=4301, max_value=100_000))
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
+json_values = hostile_json_values(["version", "printers", "holds", "kind", "instance"])
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
