@@ -261,7 +261,7 @@ class PrinterCore:
         self.device = device
         self._generation += 1
         self.state = State.SETTLING
-        self._outage = None
+        # An outage of the host is not the device's: it stays said once across events.
         if not enumerated and previous is not None and _same_instance(previous, device):
             self._deadline = now + self.settings.settle
             return []

@@ -1198,3 +1198,21 @@ def test_the_stuck_time_and_the_backoff_are_the_printers_settings() -> None:
         b.answer(view("Opening serial connection"))
     assert b.now - opened == pytest.approx(3.0, abs=0.51), "recovered after stuck_after"
     assert [retry_delay(n, 0, 1.0, 4.0) for n in range(1, 5)] == [1.0, 2.0, 4.0, 4.0]
+
+
+def test_an_outage_is_said_once_even_when_the_device_comes_and_goes_meanwhile() -> None:
+    b = bench()
+    down = Unreachable("connection refused")
+    b.add()
+    b.advance(1)
+    b.answer(down)
+    b.add(DEVICE)  # udev announces it again
+    b.advance(1)
+    b.answer(down)
+    b.remove()
+    b.add(REPLUGGED)  # switched off and on during the outage
+    b.advance(1)
+    b.answer(down)
+    warnings = [m for m in b.messages(logging.WARNING) if "cannot reach OctoPrint" in m]
+    assert len(warnings) == 1, warnings
+    assert b.state() == State.UNREACHABLE
