@@ -158,7 +158,9 @@ def _check(config: Config, path: Path, online: bool, out: TextIO, journal: bool 
         return EXIT_CONFIG
     source = config.source or "no config file (zero-config defaults)"
     names = ", ".join(p.name for p in config.printers) or "none"
-    print(f"config OK: {source}; printers: {names}", file=out)
+    # Under ExecReload= this goes to the journal too, where a line without a priority
+    # is an error (the unit's SyslogLevel=err, for Python's own crash output).
+    print(f"{'<6>' if journal else ''}config OK: {source}; printers: {names}", file=out)
     if not online:
         return EXIT_OK
     try:
