@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from reconnectd import __version__, logs
+from reconnectd import __version__, logs, service_access
 from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
@@ -152,6 +152,11 @@ def _check(config: Config, path: Path, online: bool, out: TextIO, journal: bool 
     # Not an error to the daemon, which starts and warns: but a set-up whose
     # OctoPrint refuses every request is not one to call OK.
     problems = missing_keys(config, path)
+    if os.geteuid() == 0:
+        # `sudo reconnectd check` reads anything; the service runs as its own user.
+        user = service_access.service_user()
+        if user is not None:
+            problems += service_access.unreadable(service_access.files_read(config), user)
     if problems:
         for problem in problems:
             print(error_mark + problem, file=sys.stderr)
