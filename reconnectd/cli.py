@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from reconnectd import __version__, logs, service_access
+from reconnectd import __version__, exit_codes, logs, service_access
 from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
@@ -36,15 +36,15 @@ from reconnectd.udev import UdevWatcher, list_serial_devices
 from reconnectd.urls import mask_urls
 
 # Exit codes (sysexits.h), promised in the contract.
-EXIT_OK = 0
-EXIT_STATUS_INVALID = 1  # `status`: the status file cannot be read or is invalid
-EXIT_NOT_RUNNING = 3  # `status` with no daemon running, as `systemctl status` says it
-EXIT_USAGE = 64
-EXIT_UNAVAILABLE = 69
-EXIT_CANTCREAT = 73  # `login`: the key file cannot be written
-EXIT_NOPERM = 77
-EXIT_CONFIG = 78
-EXIT_INTERRUPTED = 130  # `login` stopped by Ctrl-C, as a shell reports it
+EXIT_OK = exit_codes.OK
+EXIT_STATUS_INVALID = exit_codes.FINDING  # `status`: the status file cannot be read or is invalid
+EXIT_NOT_RUNNING = exit_codes.NOT_RUNNING
+EXIT_USAGE = exit_codes.USAGE
+EXIT_UNAVAILABLE = exit_codes.UNAVAILABLE
+EXIT_CANTCREAT = exit_codes.CANTCREAT
+EXIT_NOPERM = exit_codes.NOPERM
+EXIT_CONFIG = exit_codes.CONFIG
+EXIT_INTERRUPTED = exit_codes.INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):

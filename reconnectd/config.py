@@ -323,6 +323,13 @@ def missing_keys(config: Config, path: Path) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+def toml_string(text: str) -> str:
+    """Given any text, return it as a TOML basic string, quotes included."""
+    # A JSON string is a TOML basic string, except for the few escapes JSON writes
+    # as \u for non-ASCII when asked, and DEL, which TOML wants escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_error(message: str) -> str:
     # tomllib and tomli end every message with "(at line L, column C)" or
     # "(at end of document)"; put the position first, like a compiler does.

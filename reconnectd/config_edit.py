@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from reconnectd.config import DEFAULT_URL, ConfigError, load_config
+from reconnectd.config import DEFAULT_URL, ConfigError, load_config, toml_string
 from reconnectd.login import (
     APP_NAME,
     MANUAL_PLACE,
@@ -158,7 +157,7 @@ def find_table(config: ConfigFile, url: str) -> Table | NoTable:
             name = printer.get("name")
             matches.append((index, name if isinstance(name, str) else f"#{index + 1}", own))
     # Shown with a password in it masked: these are messages, not the file's text.
-    shown = _toml_string(shown_url(url))
+    shown = toml_string(shown_url(url))
     advice = (
         f"in the [printer.octoprint] table of the printer that uses this OctoPrint in {path}"
         f" (with url = {shown})"
@@ -166,7 +165,7 @@ def find_table(config: ConfigFile, url: str) -> Table | NoTable:
     if not matches:
         return NoTable(
             f"no table of {path} has url = {shown}"
-            f" ([octoprint] has {_toml_string(shown_url(configured_url(config)))})",
+            f" ([octoprint] has {toml_string(shown_url(configured_url(config)))})",
             advice,
         )
     if len(matches) > 1:
@@ -233,7 +232,7 @@ def point_config(
     did not have. A missing file is created. Return what was done, or why nothing was
     and the exact line to add where: never raises for the file's content.
     """
-    line = f"api_key_file = {_toml_string(str(key_file))}"
+    line = f"api_key_file = {toml_string(str(key_file))}"
     if isinstance(table, NoTable):
         return ConfigOutcome(
             False,
@@ -265,7 +264,7 @@ def point_config(
         new_text = (
             "# reconnectd configuration, written by reconnectd login.\n"
             "# The commented example: reconnectd/example.toml in the package.\n\n"
-            f"[octoprint]\nurl = {_toml_string(url)}\n{line}\n"
+            f"[octoprint]\nurl = {toml_string(url)}\n{line}\n"
         )
         expected: dict[str, Any] = {"octoprint": {"url": url, "api_key_file": str(key_file)}}
     else:
@@ -297,7 +296,7 @@ def manual_steps(key_file: Path, table: Table | NoTable, config_path: Path) -> s
         steps.append(f"Let the service read it: sudo chown {SERVICE_USER}: {quoted}")
     where = table.name if isinstance(table, Table) else "[octoprint]"
     steps.append(
-        f"Point the config at it: api_key_file = {_toml_string(str(key_file))}"
+        f"Point the config at it: api_key_file = {toml_string(str(key_file))}"
         f" in the {where} table of {config_path}."
     )
     return "\n".join(steps)
@@ -397,7 +396,7 @@ def edit_text(text: str, printer: int | None, key_file: str) -> str | None:
     newline = "\r\n" if "\r\n" in text else "\n"
     headers = _headers(lines)
     body = _table_body(headers, len(lines), printer)
-    setting = f"api_key_file = {_toml_string(key_file)}"
+    setting = f"api_key_file = {toml_string(key_file)}"
     if body is None:
         if printer is not None or any(name == "octoprint" for _, _, name in headers):
             return None
@@ -489,12 +488,6 @@ def _insertion_point(lines: list[str], start: int, end: int) -> int:
     if url_at is not None:
         return url_at + 1
     return start
-
-
-def _toml_string(text: str) -> str:
-    # A JSON string is a TOML basic string, except for the few escapes JSON writes
-    # as \u for non-ASCII when asked, and DEL, which TOML wants escaped.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _same_url(a: str, b: str) -> bool:

@@ -745,7 +745,7 @@ class PrinterCore:
                 now,
                 "wait",
                 f"OctoPrint does not offer {hint} (it offers: {offered}; waited "
-                f'{waited:.0f} s); add "{_glob_hint(hint)}" to serial.additionalPorts in '
+                f'{waited:.0f} s); add "{glob_hint(hint)}" to serial.additionalPorts in '
                 "OctoPrint's settings",
                 level=logging.ERROR,
                 quiet=quiet,
@@ -983,7 +983,9 @@ def _same_instance(a: Device, b: Device) -> bool:
     return a.devpath == b.devpath and bool(a.instance) and a.instance == b.instance
 
 
-def _glob_hint(path: str) -> str:
+def glob_hint(path: str) -> str:
+    """Given a device path OctoPrint does not offer, return the additional-ports
+    pattern that makes it offer it (a by-id link: all of them)."""
     if path.startswith("/dev/serial/by-id/"):
         return "/dev/serial/by-id/*"
     return path

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, Union
 
-from reconnectd import __version__
+from reconnectd import __version__, exit_codes
 from reconnectd.boards import known_board
 from reconnectd.config import (
     Config,
@@ -71,7 +71,8 @@ from reconnectd.workers import Completed, Job, RequestWorkers
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-EXIT_UNAVAILABLE = 69  # sysexits.h: a service we need (udev's netlink) is not there
+# A service we need (udev's netlink) is not there.
+EXIT_UNAVAILABLE = exit_codes.UNAVAILABLE
 # udevd's control socket: libudev's own test for "udevd is running".
 UDEV_CONTROL = "/run/udev/control"
 # While a printer's request is in flight, the status file and STATUS= wait for its

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from reconnectd.boards import known_board
-from reconnectd.config import PrinterConfig, is_usb_path
+from reconnectd.config import PrinterConfig, is_usb_path, toml_string
 from reconnectd.devices import Device
 
 
@@ -51,11 +51,11 @@ def stanza_for(device: Device, name: str) -> str:
             lines.append(f'product_id = "{device.product_id}"')
         usb_path = _stanza_usb_path(device)
         if device.serial:
-            lines.append(f'serial = "{_toml_escape(device.serial)}"')
+            lines.append(f"serial = {toml_string(device.serial)}")
         elif usb_path is not None:
-            lines.append(f'usb_path = "{_toml_escape(usb_path)}"')
+            lines.append(f"usb_path = {toml_string(usb_path)}")
     else:
-        lines.append(f'port = "{_toml_escape(device.paths[0])}"')
+        lines.append(f"port = {toml_string(device.paths[0])}")
     board = known_board(device.vendor_id, device.product_id)
     if board is not None and board.klipper:
         # Klipper's printer: its host is Klippy, through Moonraker (keys from [moonraker]).
@@ -83,7 +83,3 @@ def _stanza_usb_path(device: Device) -> str | None:
     if device.vendor_id is None or device.serial or not device.usb_path:
         return None
     return device.usb_path if is_usb_path(device.usb_path) else None
-
-
-def _toml_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from reconnectd import exit_codes
 from reconnectd.config import Config, MoonrakerConfig, OctoPrintConfig, PrinterConfig
-from reconnectd.core import choose_port
+from reconnectd.core import choose_port, glob_hint
 from reconnectd.devices import Device
 from reconnectd.host import CommandResult, HostView, ReadResult, Refused, Unreachable
 from reconnectd.matching import matching_printers
@@ -28,11 +29,11 @@ from reconnectd.moonraker_state import mcu_serials
 PERMISSION_PROBE_PORT = "/dev/reconnectd-permission-probe"
 
 # Exit codes, worst last: see cli.py and the README.
-OK = 0
-PORT_NOT_OFFERED = 1
-PROFILE_NOT_OFFERED = 1
-NO_PERMISSION = 77
-UNREACHABLE = 69
+OK = exit_codes.OK
+PORT_NOT_OFFERED = exit_codes.FINDING
+PROFILE_NOT_OFFERED = exit_codes.FINDING
+NO_PERMISSION = exit_codes.NOPERM
+UNREACHABLE = exit_codes.UNAVAILABLE
 _SEVERITY = {OK: 0, PORT_NOT_OFFERED: 1, NO_PERMISSION: 2, UNREACHABLE: 3}
 
 
@@ -201,7 +202,7 @@ def check_ports(
                 f"{printer.name}: {device.node} is present but {printer.octoprint.shown_url}"
                 " does not"
                 f" offer it (nor {', '.join(device.links) or 'any link to it'}); in OctoPrint's"
-                f" serial settings add {_pattern(wanted)} to the additional ports, or take it off"
+                f" serial settings add {glob_hint(wanted)} to the additional ports, or take it off"
                 " the blacklisted ports",
             )
         )
@@ -242,9 +243,3 @@ def devices_of(printer: PrinterConfig, config: Config, devices: list[Device]) ->
     """Given a printer and the devices present, return those the daemon routes to it
     (a device several printers claim goes to the first, as in the daemon)."""
     return [d for d in devices if matching_printers(config.printers, d)[:1] == [printer]]
-
-
-def _pattern(path: str) -> str:
-    if path.startswith("/dev/serial/by-id/"):
-        return "/dev/serial/by-id/*"
-    return path
