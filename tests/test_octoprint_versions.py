@@ -73,7 +73,7 @@ def test_the_client_reads_whether_or_not_connections_are_kept(
 ) -> None:
     """1.9.3 drops kept-alive connections (the client then asks again, and stops
     keeping them); the others keep them. Every read must succeed either way."""
-    caplog.set_level(logging.DEBUG, logger="reconnectd.octoprint_api")
+    caplog.set_level(logging.DEBUG, logger="reconnectd.http_transport")
     api = OctoPrintApi(bench.octoprint.url, bench.octoprint.api_key, 5.0)
     try:
         for _ in range(10):
