@@ -537,3 +537,25 @@ def test_uninstall_purge_removes_config_state_and_user(box: Box) -> None:
     assert box.container.run("getent", "group", "reconnectd", check=False).returncode == 2
     again = box.as_pi(f"{UNINSTALL} --purge")
     assert "uninstall: nothing left to remove" in again.stdout
+
+
+# --- the tests, on the system's own Python ---------------------------------------------
+
+
+def test_the_unit_tests_run_with_the_systems_own_python(box: Box) -> None:
+    """A stock Debian or Raspberry Pi OS has no pyenv, only /usr/bin/python3: the unit
+    tests run on it (tests/bootstrap skips the legs of the matrix it lacks)."""
+    path = box.as_pi("command -v python3; echo $PATH").stdout.split()
+    assert path[0] == "/usr/bin/python3" and ".pyenv" not in path[1], path
+    done = box.as_pi(
+        "cd ~/reconnectd && python3 -m venv ~/unit-venv"
+        " && ~/unit-venv/bin/pip install -q --disable-pip-version-check -e . pytest hypothesis"
+        " && ~/unit-venv/bin/pytest -q -p no:cacheprovider tests/test_core.py"
+        " tests/test_core_klipper.py tests/test_model.py tests/test_hold_store.py"
+        " tests/test_config.py",
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\d+ passed", done.stdout), done.stdout[-500:]
+    base = box.as_pi("~/unit-venv/bin/python -c 'import sys; print(sys.base_prefix)'")
+    assert base.stdout.strip() == "/usr", "the venv stands on Debian's own Python"
