@@ -9,7 +9,7 @@ What the loop does on each wake-up: route device events to the printer they
 belong to, hand OctoPrint answers to the core that asked, run cores whose deadline
 passed, execute the actions they return, then write the holds when they changed
 (``hold_store``), and the status file and ``STATUS=`` when something changed and no
-request is on its way (see :data:`STATUS_MAY_LAG`).
+request is on its way (``status_publisher``).
 
 Each of those steps is a public method (:meth:`Daemon.start`, :meth:`Daemon.on_udev`,
 :meth:`Daemon.on_results`, :meth:`Daemon.after_select`), which :meth:`Daemon.run`
@@ -64,7 +64,8 @@ from reconnectd.host import (
 from reconnectd.jsonfiles import write_json_atomic
 from reconnectd.matching import matching_printers
 from reconnectd.static_nodes import SYS_ROOT, node_device
-from reconnectd.status import iso_utc, state_dir, status_path, summary_line
+from reconnectd.status import state_dir, status_path, summary_line
+from reconnectd.status_publisher import StatusPublisher, printer_rows
 from reconnectd.urls import shown_url
 from reconnectd.workers import Completed, Job, RequestWorkers
 
@@ -75,11 +76,6 @@ STATE_FILE = "state.json"
 EXIT_UNAVAILABLE = exit_codes.UNAVAILABLE
 # udevd's control socket: libudev's own test for "udevd is running".
 UDEV_CONTROL = "/run/udev/control"
-# While a printer's request is in flight, the status file and STATUS= wait for its
-# answer (which changes them again within milliseconds), at most this long: written at
-# once, they would hold up the very request the loop just handed to a worker, by a
-# millisecond on each step from a device's return to the connect (bench/run).
-STATUS_MAY_LAG = 0.25
 
 
 class DeviceSource(Protocol):
@@ -185,7 +181,9 @@ class Daemon:
         self._sys_root = sys_root
         self._clock = clock
         self._wall_clock = wall_clock
-        self._status_path = status_path(env)
+        self._status = StatusPublisher(
+            status_path(env), notifier, dry_run=dry_run, clock=clock, wall_clock=wall_clock
+        )
         self._holds = HoldStore(state_file(env), write=write_state, wall_clock=wall_clock)
         self._printers: dict[str, _Printer] = {}
         self._present: dict[str, Device] = {}
@@ -200,11 +198,6 @@ class Daemon:
         self._stop_requested = False
         self._reload_requested = False
         self._next_watchdog: float | None = None
-        self._written_status: list[dict[str, object]] | None = None
-        self._written_unsaved: str | None = None
-        self._status_failed = False
-        self._status_waiting_since: float | None = None  # see STATUS_MAY_LAG
-        self._started = iso_utc(wall_clock())
         self._unmatched_warned: set[str] = set()
         self._plugins_checked: set[str] = set()  # OctoPrint URLs asked about reconnect plugins
 
@@ -288,8 +281,7 @@ class Daemon:
         deadlines = [p.core.deadline for p in self._printers.values()]
         deadlines += [p.next_static_check for p in self._printers.values()]
         deadlines += [self._next_watchdog, self._holds.retry_at]
-        if self._status_waiting_since is not None:
-            deadlines.append(self._status_waiting_since + STATUS_MAY_LAG)
+        deadlines.append(self._status.deadline)
         pending = [d for d in deadlines if d is not None]
         return min(pending) if pending else None
 
@@ -623,84 +615,18 @@ class Daemon:
         self._holds.save(
             {name: p.core.memory() for name, p in self._printers.items()}, now=self._clock()
         )
-        if self._status_may_wait():
-            return
-        printers = self._printer_status()
-        if printers != self._written_status or self._holds.unsaved != self._written_unsaved:
-            document = {
-                "version": 1,
-                "pid": os.getpid(),
-                "started": self._started,
-                "updated": iso_utc(self._wall_clock()),
-                "dry_run": self._dry_run,
-                "holds_unsaved": self._holds.unsaved,
-                "printers": printers,
-            }
-            try:
-                write_json_atomic(self._status_path, document)
-            except OSError as error:
-                # Tried again on every wake-up (the watchdog's at least), so the file
-                # is back soon after the fault ends; said once, not per try.
-                if not self._status_failed:
-                    log.warning("cannot write the status file %s: %s", self._status_path, error)
-                self._status_failed = True
-            else:
-                self._written_status = printers
-                self._written_unsaved = self._holds.unsaved
-                if self._status_failed:
-                    log.info("the status file %s is written again", self._status_path)
-                self._status_failed = False
-        # On every wake-up: the notifier sends only a changed line, and one that did
-        # not fit in systemd's full queue last time is sent again now.
-        self._notifier.status(self._summary(printers))
+        self._status.publish(
+            self._rows,
+            busy=any(p.core.awaiting_answer for p in self._printers.values()),
+            holds_unsaved=self._holds.unsaved,
+        )
 
-    def _status_may_wait(self) -> bool:
-        """Return whether the status may wait for a printer's request in flight
-        (STATUS_MAY_LAG). Only those change it: the plugin check's answer does not, and
-        none is in flight before READY=1 (a core asks only when its deadline runs)."""
-        if not any(p.core.awaiting_answer for p in self._printers.values()):
-            self._status_waiting_since = None
-            return False
-        now = self._clock()
-        if self._status_waiting_since is None:
-            self._status_waiting_since = now
-        if now < self._status_waiting_since + STATUS_MAY_LAG:
-            return True
-        # A slow request: show where things stand, then wait again.
-        self._status_waiting_since = now
-        return False
+    def _rows(self) -> list[dict[str, object]]:
+        printers = {name: (p.config, p.core) for name, p in self._printers.items()}
+        return printer_rows(printers, self._clock(), self._wall_clock())
 
-    def _printer_status(self) -> list[dict[str, object]]:
-        now, wall = self._clock(), self._wall_clock()
-        rows: list[dict[str, object]] = []
-        for name, printer in self._printers.items():
-            core = printer.core
-            kind = "moonraker" if printer.config.moonraker is not None else "octoprint"
-            state = core.state.value
-            if core.state == State.HELD and core.holds:
-                state = f"holding after {core.holds[0].kind.value}"
-            elif core.state == State.UNREACHABLE:
-                state = f"{kind} unreachable"
-            at = None if core.decided_at is None else iso_utc(wall - (now - core.decided_at))
-            rows.append(
-                {
-                    "name": name,
-                    "state": state,
-                    "device": core.device.node if core.device else None,
-                    # The key names the host: "octoprint" (as always) or "moonraker".
-                    kind: printer.config.host.shown_url,
-                    "decision": core.decision,
-                    "reason": core.reason,
-                    "at": at,
-                    "holds": [f"{h.kind.value}: {h.reason}" for h in core.holds],
-                    "attempts": core.attempts,
-                    "connects": core.total_connects,
-                }
-            )
-        return rows
-
-    def _summary(self, printers: list[dict[str, object]] | None = None) -> str:
-        return summary_line(self._printer_status() if printers is None else printers)
+    def _summary(self) -> str:
+        return summary_line(self._rows())
 
     def _log_start(self) -> None:
         config = self._config
