@@ -228,6 +228,7 @@ class PrinterCore:
     _recovering: bool = False  # we disconnected a stuck connection: connect on Closed
     _opening_since: float | None = None
     _outage: str | None = None  # Unreachable/Refused reason while it lasts
+    _outage_kind: State | None = None  # UNREACHABLE or REJECTED, while it lasts
     _outage_count: int = 0
     _held_logged: bool = False
     _failing: str | None = None  # the cause of the current run of failed connects, once logged
@@ -876,6 +877,8 @@ class PrinterCore:
             delay = min(UNREACHABLE_FIRST * 2.0 ** (self._outage_count - 1), UNREACHABLE_CAP)
             text, state = result.reason, State.UNREACHABLE
         self._deadline = now + delay
+        same_kind = self._outage is not None and self._outage_kind == state
+        self._outage_kind = state
         self.state = state
         if self._outage == text:
             return []  # logged once; logged again when it ends
@@ -883,6 +886,11 @@ class PrinterCore:
         self._outage = text
         host = self.settings.host
         verb = f"cannot reach {host}" if isinstance(result, Unreachable) else f"{host} refused"
+        if same_kind:
+            # Still the same outage in other words (a host starting up refuses, then
+            # resets, then answers): the status says the latest, the journal once.
+            self.reason = f"{verb}: {text}"
+            return []
         level = logging.ERROR if isinstance(result, Refused) else logging.WARNING
         suffix = "; will keep trying" if first else ""
         return [self._decided(now, "wait", f"{verb}: {text}{suffix}", level=level)]

@@ -1216,3 +1216,21 @@ def test_an_outage_is_said_once_even_when_the_device_comes_and_goes_meanwhile() 
     warnings = [m for m in b.messages(logging.WARNING) if "cannot reach OctoPrint" in m]
     assert len(warnings) == 1, warnings
     assert b.state() == State.UNREACHABLE
+
+
+def test_an_outage_that_changes_its_words_is_said_once_and_shown_as_it_is_now() -> None:
+    # OctoPrint restarting refuses connections, then its placeholder server resets them.
+    b = bench()
+    b.add()
+    b.advance(1)
+    b.answer(Unreachable("connection refused"))
+    b.advance(1)
+    b.answer(Unreachable("cannot connect: Connection reset by peer"))
+    assert [m for m in b.messages(logging.WARNING) if "cannot reach" in m] == [
+        "mk3s: wait: cannot reach OctoPrint: connection refused; will keep trying"
+    ]
+    assert b.core.reason == "cannot reach OctoPrint: cannot connect: Connection reset by peer"
+    # A key rejected is another outage, for a person: said.
+    b.advance(2)
+    b.answer(Refused(403, "API key rejected or lacking permission", key_rejected=True))
+    assert any("OctoPrint refused: HTTP 403" in m for m in b.messages(logging.ERROR))
