@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconnectd import __version__, cli
+from reconnectd import __version__, cli, exit_codes, online_check
 from reconnectd.cli import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
 from reconnectd.config import parse_config
 from reconnectd.devices import Device
@@ -304,3 +304,11 @@ def test_devices_json_has_the_usb_path_and_stanzas_that_make_a_valid_config(
     pasted = "\n".join([*(row["stanza"] for row in rows), own])
     config = parse_config(pasted, tmp_path / "pasted.toml")
     assert [p.usb_path for p in config.printers] == list(TWIN_PATHS)
+
+
+def test_the_exit_codes_are_the_contracts() -> None:
+    # Scripts rely on these (contract, "Command line"); one module holds them for all.
+    codes = (exit_codes.OK, exit_codes.USAGE, exit_codes.CONFIG)
+    assert codes == (0, 64, 78)
+    assert (exit_codes.UNAVAILABLE, exit_codes.NOPERM) == (69, 77)
+    assert (cli.EXIT_CONFIG, online_check.UNREACHABLE) == (78, 69)

@@ -33,15 +33,16 @@ from tests.support.notify_socket import NotifySocket
 BY_ID = "/dev/serial/by-id/usb-Prusa_MK3_CZPX1-if00"
 
 
-def device(n: int) -> Device:
+def device(n: int, usb_port: str = "1-1") -> Device:
+    """The printer (one ids and serial) as node ttyACM<n> on a USB port of the hub."""
     return Device(
-        devpath=f"/devices/usb1/1-1/1-1:1.0/tty/ttyACM{n}",
+        devpath=f"/devices/usb1/{usb_port}/{usb_port}:1.0/tty/ttyACM{n}",
         node=f"/dev/ttyACM{n}",
         links=(BY_ID,),
         vendor_id="2c99",
         product_id="0002",
         serial="CZPX1",
-        instance=f"inst-{n}",
+        instance=f"inst-{usb_port}-{n}",
     )
 
 
@@ -766,15 +767,7 @@ def test_a_reload_that_changes_the_printer_inside_the_settle_window_waits_for_it
 
 def moved(n: int) -> Device:
     """The same printer (ids, serial) on another USB port: another sysfs path."""
-    return Device(
-        devpath=f"/devices/usb1/1-2/1-2:1.0/tty/ttyACM{n}",
-        node=f"/dev/ttyACM{n}",
-        links=(BY_ID,),
-        vendor_id="2c99",
-        product_id="0002",
-        serial="CZPX1",
-        instance=f"moved-{n}",
-    )
+    return device(n, usb_port="1-2")
 
 
 def test_a_late_remove_of_the_old_node_hands_the_printer_to_the_new_one(
