@@ -284,3 +284,19 @@ def test_a_key_moonraker_rejects_is_said_and_nothing_is_restarted(keyed: Rig) ->
         rig.stack.wait_for_state("ready", READY_WITHIN)  # K6: restarted at start
         daemon.wait_for_printer("voron", lambda r: r["state"] == "operational", "ready")
     assert rig.stack.api_key not in daemon.log()
+
+
+def test_k7_a_polled_board_that_never_vanishes_is_restarted_when_its_mcu_is_back(
+    rig: Rig,
+) -> None:
+    # A board whose USB side stays (powered from the Pi) while its MCU goes: no udev
+    # event at all; only looking every `poll` seconds tells.
+    with rig.daemon("k7", rig.config(poll=5)) as daemon:
+        daemon.wait_for_printer("voron", lambda r: r["state"] == "operational", "ready")
+        rig.stack.power_off()
+        rig.stack.wait_for_state("shutdown", LOST_WITHIN, message="Lost communication")
+        rig.stack.power_on()
+        rig.stack.wait_for_state("ready", READY_WITHIN + 10)  # the next look, then a restart
+        row = daemon.wait_for_printer("voron", lambda r: r["state"] == "operational", "ready")
+        assert row["connects"] == 1
+    assert "Klippy lost the printer (Lost communication with MCU 'mcu')" in daemon.log()
