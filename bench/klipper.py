@@ -67,6 +67,31 @@ def switched_off(stack: KlipperStack, board: SimulatedKlipperBoard) -> None:
     stack.wait_for_state("shutdown", LOST_WITHIN, message="Lost communication")
 
 
+def replug_times(stack: KlipperStack, board: SimulatedKlipperBoard, cycles: int) -> list[float]:
+    """Power-cycle the board ``cycles`` times; return each plug -> Klippy ready time,
+    whoever restarts it."""
+    times = []
+    for _ in range(cycles):
+        switched_off(stack, board)
+        back = time.monotonic()
+        board.switch_on()
+        times.append(wait_ready_after(stack, back))
+    return times
+
+
+def announce_in_a_burst(
+    stack: KlipperStack, board: SimulatedKlipperBoard, testbed: Testbed
+) -> None:
+    """Switch the board on and announce it twice more within 0.1 s (a re-trigger, a
+    bouncing plug); return once Klippy is ready."""
+    board.switch_on()
+    assert board.plugged is not None
+    for _ in range(BURST - 1):
+        time.sleep(BURST_GAP)
+        testbed.send_uevent(board.plugged, "add")
+    wait_ready_after(stack, time.monotonic())
+
+
 def own_restart_times(
     stack: KlipperStack, board: SimulatedKlipperBoard, cycles: int
 ) -> list[float]:
@@ -150,22 +175,11 @@ def _with_reconnectd(
     daemon = DaemonProcess(
         workdir / "reconnectd", daemon_config(stack, settle), env={**testbed.env, **daemon_env()}
     )
-    times: list[float] = []
     with daemon:
-        for _ in range(cycles):
-            switched_off(stack, board)
-            back = time.monotonic()
-            board.switch_on()
-            times.append(wait_ready_after(stack, back))
-        # A burst: the board announced again twice within 0.2 s (a re-trigger, a bounce).
+        times = replug_times(stack, board, cycles)
         switched_off(stack, board)
         before = restarts_by(daemon)
-        board.switch_on()
-        assert board.plugged is not None
-        for _ in range(BURST - 1):
-            time.sleep(BURST_GAP)
-            testbed.send_uevent(board.plugged, "add")
-        wait_ready_after(stack, time.monotonic())
+        announce_in_a_burst(stack, board, testbed)
         time.sleep(settle + 2.0)  # anything more it would send comes by now
         burst = restarts_by(daemon) - before
         # Idle: Klippy ready, nothing happens.
@@ -191,23 +205,13 @@ def _with_udev_rule(
     )
     try:
         time.sleep(0.5)  # its monitor listens
-        times: list[float] = []
-        for _ in range(cycles):
-            switched_off(stack, board)
-            back = time.monotonic()
-            board.switch_on()
-            times.append(wait_ready_after(stack, back))
+        times = replug_times(stack, board, cycles)
         switched_off(stack, board)
         before = log_path.read_text().count("POST")
-        board.switch_on()
-        assert board.plugged is not None
-        for _ in range(BURST - 1):
-            time.sleep(BURST_GAP)
-            testbed.send_uevent(board.plugged, "add")
-        wait_ready_after(stack, time.monotonic())
+        announce_in_a_burst(stack, board, testbed)
         time.sleep(2.0)
-        burst = log_path.read_text().count("POST") - before
+        posts = log_path.read_text().count("POST") - before
     finally:
         rule.terminate()
         rule.wait(5)
-    return times, burst
+    return times, posts

@@ -109,7 +109,7 @@ class MoonrakerApi:
         """Return Moonraker's ``/server/info`` result (for ``check --online``)."""
         return self._result("GET", "/server/info")
 
-    def mcu_serials(self) -> dict[str, Any] | Unreachable | Refused:
+    def config_settings(self) -> dict[str, Any] | Unreachable | Refused:
         """Return ``configfile.settings`` as Klippy loaded it (for ``check --online``)."""
         found = self._objects(_CONFIG)
         if not isinstance(found, dict):

@@ -109,7 +109,7 @@ class Moonraker(Protocol):
     """What the check needs of a Moonraker client: ``moonraker_api.MoonrakerApi``."""
 
     def server_info(self) -> dict[str, Any] | Unreachable | Refused: ...
-    def mcu_serials(self) -> dict[str, Any] | Unreachable | Refused: ...
+    def config_settings(self) -> dict[str, Any] | Unreachable | Refused: ...
     def close(self) -> None: ...
 
 
@@ -133,7 +133,7 @@ def check_klipper(
             return [Finding(code, f"{url}: {info.reason}")]
         state = info.get("klippy_state", "unknown")
         findings = [Finding(OK, f"{url}: OK: Moonraker answers; Klippy is {state}")]
-        settings = api.mcu_serials()
+        settings = api.config_settings()
     finally:
         api.close()
     if not isinstance(settings, dict):

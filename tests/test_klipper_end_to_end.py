@@ -9,6 +9,7 @@ section (K1-K7), each asserting what Klippy really did.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -71,6 +72,30 @@ class Rig:
             self.stack.wait_for_state("ready", READY_WITHIN)
 
 
+@contextlib.contextmanager
+def klipper_rig(
+    factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    mcus: tuple[str, ...] = ("mcu",),
+    api_key: bool = False,
+) -> Iterator[Rig]:
+    """Given a name and the stack's options, start a testbed and a Klipper stack with one
+    simulated board per MCU (the first is the rig's); stop them all on leaving."""
+    build = build_or_skip()
+    workdir = factory.mktemp(name)
+    with (
+        Testbed(workdir / "testbed") as testbed,
+        KlipperStack(workdir / "stack", build=build, mcus=mcus, api_key=api_key) as stack,
+    ):
+        boards = [SimulatedKlipperBoard(testbed, stack, mcu) for mcu in mcus]
+        try:
+            yield Rig(testbed, stack, boards[0], workdir)
+        finally:
+            for board in reversed(boards):
+                board.close()
+
+
 def build_or_skip() -> KlipperBuild:
     reason = unavailable_reason()
     if reason:
@@ -84,15 +109,8 @@ def build_or_skip() -> KlipperBuild:
 
 @pytest.fixture(scope="module")
 def module_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    build = build_or_skip()
-    workdir = tmp_path_factory.mktemp("klipper-e2e")
-    with (
-        Testbed(workdir / "testbed") as testbed,
-        KlipperStack(workdir / "stack", build=build) as stack,
-    ):
-        board = SimulatedKlipperBoard(testbed, stack)
-        yield Rig(testbed, stack, board, workdir)
-        board.close()
+    with klipper_rig(tmp_path_factory, "klipper-e2e") as rig:
+        yield rig
 
 
 @pytest.fixture
@@ -226,18 +244,8 @@ def test_k6_at_start_a_present_board_with_klippy_down_for_its_mcu_is_restarted(
 
 @pytest.fixture(scope="module")
 def two_mcus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    build = build_or_skip()
-    workdir = tmp_path_factory.mktemp("klipper-two")
-    with (
-        Testbed(workdir / "testbed") as testbed,
-        KlipperStack(workdir / "stack", build=build, mcus=("mcu", "toolhead")) as stack,
-    ):
-        board = SimulatedKlipperBoard(testbed, stack)
-        toolhead = SimulatedKlipperBoard(testbed, stack, "toolhead")
-        rig = Rig(testbed, stack, board, workdir)
+    with klipper_rig(tmp_path_factory, "klipper-two", mcus=("mcu", "toolhead")) as rig:
         yield rig
-        toolhead.close()
-        board.close()
 
 
 def test_k4_with_the_toolhead_board_still_off_nothing_is_restarted(two_mcus: Rig) -> None:
@@ -258,15 +266,8 @@ def test_k4_with_the_toolhead_board_still_off_nothing_is_restarted(two_mcus: Rig
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    build = build_or_skip()
-    workdir = tmp_path_factory.mktemp("klipper-key")
-    with (
-        Testbed(workdir / "testbed") as testbed,
-        KlipperStack(workdir / "stack", build=build, api_key=True) as stack,
-    ):
-        board = SimulatedKlipperBoard(testbed, stack)
-        yield Rig(testbed, stack, board, workdir)
-        board.close()
+    with klipper_rig(tmp_path_factory, "klipper-key", api_key=True) as rig:
+        yield rig
 
 
 def test_a_key_moonraker_rejects_is_said_and_nothing_is_restarted(keyed: Rig) -> None:
