@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.cache import cache_dir
+
 # Inside the container: a clean environment, as a login would give, so nothing of
 # the test run's own (a pyenv PATH, PIP_* variables, PYTHONPATH) leaks into what
 # the commands see.
@@ -59,9 +61,7 @@ def nspawn_path() -> Path:
     override = os.environ.get("SYSTEMD_NSPAWN")
     if override:
         return Path(override)
-    cache = Path(
-        os.environ.get("RECONNECTD_TEST_CACHE", Path.home() / ".cache" / "reconnectd-tests")
-    )
+    cache = cache_dir()
     version = _systemd_version() or "unknown"
     return cache / f"systemd-container-{version}" / "usr" / "bin" / "systemd-nspawn"
 

@@ -43,7 +43,10 @@ UNAVAILABLE_NOTE = "klipper-unavailable"
 
 
 def cache_dir() -> Path:
-    """Return the test cache: ``$RECONNECTD_TEST_CACHE`` or ``~/.cache/reconnectd-tests``."""
+    """Return the test cache, as :func:`tests.support.cache.cache_dir` does.
+
+    tests/bootstrap runs this file as a script, outside the package: it cannot import that.
+    """
     return Path(os.environ.get("RECONNECTD_TEST_CACHE") or Path.home() / ".cache/reconnectd-tests")
 
 

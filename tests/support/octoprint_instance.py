@@ -29,7 +29,9 @@ from typing import Any, Callable, Union
 
 import requests
 
-CACHE = Path.home() / ".cache/reconnectd-tests"
+from tests.support.cache import cache_dir
+
+CACHE = cache_dir()
 DEFAULT_OCTOPRINT_BIN = CACHE / "octoprint-1.11.8/bin/octoprint"
 # The versions besides 1.11.8 that tests/bootstrap installs, when $OCTOPRINT_BINS
 # does not say where they are.

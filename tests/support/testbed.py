@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support import close_guard
+
 OWNER_PYTHON = "/usr/bin/python3"
 OWNER_SCRIPT = Path(__file__).with_name("testbed_owner.py")
 PRELOAD = "libumockdev-preload.so.0"
@@ -58,7 +60,7 @@ def unavailable_reason() -> str | None:
     )
     if preload.returncode != 0:
         return f"{PRELOAD} not found (install umockdev)"
-    return None
+    return close_guard.unavailable_reason()
 
 
 class _MasterFd:
@@ -139,9 +141,10 @@ class Testbed:
         self.log_path = self.workdir / "testbed-owner.log"
         self._plugged: dict[str, Plugged] = {}
         self._lock = threading.Lock()
+        guard = str(close_guard.close_guard_library())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owner_env = {k: v for k, v in os.environ.items() if k != "UMOCKDEV_DIR"}
-        owner_env["LD_PRELOAD"] = _with_preload(os.environ.get("LD_PRELOAD"))
+        owner_env["LD_PRELOAD"] = _with_preload(os.environ.get("LD_PRELOAD"), guard)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [OWNER_PYTHON, str(OWNER_SCRIPT), str(theirs.fileno())],
@@ -160,7 +163,7 @@ class Testbed:
             raise
         self.root = Path(str(hello["root"]))
         self.env: dict[str, str] = dict(os.environ)
-        self.env["LD_PRELOAD"] = _with_preload(os.environ.get("LD_PRELOAD"))
+        self.env["LD_PRELOAD"] = _with_preload(os.environ.get("LD_PRELOAD"), guard)
         self.env["UMOCKDEV_DIR"] = str(self.root)
 
     def __enter__(self) -> Testbed:
@@ -392,12 +395,14 @@ def open_testbed(workdir: Path, tmpdir: str | None) -> Testbed:
     return testbed
 
 
-def _with_preload(existing: str | None) -> str:
-    if not existing:
-        return PRELOAD
-    if PRELOAD in existing.split():
-        return existing
-    return f"{PRELOAD} {existing}"
+def _with_preload(existing: str | None, guard: str) -> str:
+    """Given a process's LD_PRELOAD and the close guard, return it with both, guard first.
+
+    The guard must come before umockdev's preload: its wrappers run first and call on
+    into umockdev's.
+    """
+    kept = [entry for entry in (existing or "").split() if entry not in (PRELOAD, guard)]
+    return " ".join([guard, PRELOAD, *kept])
 
 
 if __name__ == "__main__":

@@ -116,6 +116,38 @@ def _ioctl_int(fd: int, request: int, value: int = 0) -> int:
     return int(result)
 
 
+def _close_while_busy(path: str, rounds: int) -> dict[str, int]:
+    """Given a tty, open it ``rounds`` times and close it while a thread ioctls and reads on it.
+
+    What OctoPrint does when a user disconnects a printing printer: its reader thread is
+    inside ``TIOCINQ`` or ``read`` when the port is closed. Return how many rounds ran and
+    how many calls failed (EBADF once the port is closed, as on a real kernel).
+    """
+    failed = 0
+    for _ in range(rounds):
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        stop = threading.Event()
+
+        def busy(fd: int = fd, stop: threading.Event = stop) -> None:
+            nonlocal failed
+            while not stop.is_set():
+                try:
+                    _ioctl_int(fd, termios.TIOCINQ)
+                    os.read(fd, 64)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    failed += 1
+
+        worker = threading.Thread(target=busy)
+        worker.start()
+        time.sleep(0.001)
+        os.close(fd)
+        stop.set()
+        worker.join()
+    return {"rounds": rounds, "failed": failed}
+
+
 def _serve() -> int:
     # The watcher's log lines go to the probe's log, where tests read them.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -175,6 +207,8 @@ def _serve() -> int:
             return {"before": before, "raised": raised, "lowered": lowered}
         if op == "inq":
             return _ioctl_int(command["fd"], termios.TIOCINQ)
+        if op == "close_while_busy":
+            return _close_while_busy(command["path"], command["rounds"])
         if op == "close":
             os.close(command["fd"])
             return None
