@@ -458,6 +458,13 @@ def test_login_timed_out_exits_77(
     assert list(tmp_path.iterdir()) == []
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    # A command typed at a terminal has Ctrl-C's default disposition. A test run started
+    # in the background by a shell without job control inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _reconnectd(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "reconnectd", *args],
@@ -467,6 +474,7 @@ def _reconnectd(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
 
 

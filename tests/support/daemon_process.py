@@ -162,6 +162,21 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, text: str, count: int, timeout: float = 30.0) -> str:
+        """Given a text, wait until the log holds it ``count`` times; return the log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            if not self.running():
+                break
+            time.sleep(0.05)  # polling another process's file: no clock to advance
+        raise AssertionError(
+            f"{text!r} not logged {count} times within {timeout} s\n"
+            f"--- reconnectd log ---\n{self.log()}"
+        )
+
     @property
     def notifications(self) -> list[str]:
         """Every sd_notify message received from the current (or last) run."""
