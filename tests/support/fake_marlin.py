@@ -4,7 +4,8 @@ The host (OctoPrint) opens the slave end as it would open ``/dev/ttyUSB0``. Open
 and closing are seen here through the pty itself: while no one holds the slave, the
 master polls as hung up (``POLLHUP``) and reads fail with ``EIO``.
 
-Not simulated: DTR resets, temperatures that change, SD cards, motion.
+Not simulated: DTR resets, temperatures that change, SD cards, motion (M114 reports
+the head where it always is).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ FIRMWARE_REPLY = (
     "ok",
 )
 TEMPERATURE_REPLY = "ok T:20.0 /0.0 B:20.0 /0.0"
+# Marlin's answer to M114, then "ok". OctoPrint asks for it when a print pauses and
+# waits up to 10 s (positionLogWait) for a line it can parse.
+POSITION_REPLY = "X:10.00 Y:20.00 Z:0.30 E:0.00 Count X:800 Y:1600 Z:120"
 
 _NUMBERED = re.compile(r"^N(-?\d+)\s*(.*?)(?:\*(\d+))?$")
 _M110_N = re.compile(r"\bN(-?\d+)")
@@ -306,6 +310,9 @@ class FakeMarlin:
             self._send("start")
         if word == "M105":
             self._send(TEMPERATURE_REPLY)
+        elif word == "M114":
+            self._send(POSITION_REPLY)
+            self._send("ok")
         elif word == "M115":
             for reply in FIRMWARE_REPLY:
                 self._send(reply)

@@ -291,7 +291,15 @@ class OctoPrintInstance:
         self.basedir.mkdir(parents=True, exist_ok=True)
         serial: dict[str, Any] = {
             "log": True,
-            "timeout": {"connection": 2, "communication": 1, "temperature": 1},
+            # Autodetection (a connect without a baudrate, as reconnectd's by default)
+            # tries 7 baudrates 3 times each: 42 s at the default 2 s, 10.5 s here.
+            "timeout": {
+                "connection": 2,
+                "communication": 1,
+                "temperature": 1,
+                "detectionFirst": 0.5,
+                "detectionConsecutive": 0.5,
+            },
             "maxCommunicationTimeouts": {"idle": 1},
             "additionalPorts": self.additional_ports,
         }
