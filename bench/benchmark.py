@@ -131,6 +131,24 @@ QUICK = Plan(
     klipper_cycles=2,
     klipper_idle_seconds=20.0,
 )
+# CI's smoke run: every phase once, to show the script still works end to end. Its
+# figures rest on too few samples to mean much; --quick and the full run are the ones
+# to read.
+SMOKE = Plan(
+    mode="smoke",
+    startup_runs=3,
+    idle_seconds=10.0,
+    event_cycles=30,
+    event_warmup=5,
+    rss_events=400,
+    rss_wait_every=10,
+    storms=1,
+    real_cycles=1,
+    poller_cycles=1,
+    off_seconds=(2.0, 3.0),
+    klipper_cycles=1,
+    klipper_idle_seconds=5.0,
+)
 PHASES = ("startup", "idle", "real", "events", "storm", "klipper")
 
 
@@ -1020,7 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench/run", description="Measure reconnectd on this machine (see bench/README.md)."
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (CI's smoke run)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
+    length.add_argument(
+        "--smoke", action="store_true", help="the shortest run, every phase once (CI's)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--only", default=",".join(PHASES), help=f"phases to run, of {', '.join(PHASES)}"
@@ -1032,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         parser.error(f"unknown phase(s) {', '.join(unknown)}; known: {', '.join(PHASES)}")
-    plan = QUICK if args.quick else FULL
+    plan = SMOKE if args.smoke else QUICK if args.quick else FULL
     workdir = Path(tempfile.mkdtemp(prefix="rcd-bench-logs-"))
     started = time.monotonic()
     try:
