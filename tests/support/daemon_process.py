@@ -16,11 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from tests.support.notify_socket import NotifySocket
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 class DaemonProcess:
@@ -164,18 +165,31 @@ class DaemonProcess:
 
     def wait_for_log(self, text: str, count: int, timeout: float = 30.0) -> str:
         """Given a text, wait until the log holds it ``count`` times; return the log."""
+
+        def enough() -> str | None:
+            log = self.log()
+            return log if log.count(text) >= count else None
+
+        log = self._poll(enough, timeout)
+        if log is None:
+            raise AssertionError(
+                f"{text!r} not logged {count} times within {timeout} s\n"
+                f"--- reconnectd log ---\n{self.log()}"
+            )
+        return log
+
+    def _poll(self, found: Callable[[], T | None], timeout: float) -> T | None:
+        """Given a look at the daemon's files, repeat it until it finds something; return
+        that, or None once the timeout passed or the daemon exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            log = self.log()
-            if log.count(text) >= count:
-                return log
+            result = found()
+            if result is not None:
+                return result
             if not self.running():
                 break
             time.sleep(0.05)  # polling another process's file: no clock to advance
-        raise AssertionError(
-            f"{text!r} not logged {count} times within {timeout} s\n"
-            f"--- reconnectd log ---\n{self.log()}"
-        )
+        return None
 
     @property
     def notifications(self) -> list[str]:
@@ -224,18 +238,17 @@ class DaemonProcess:
         what: str,
         timeout: float = 30.0,
     ) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def matching_row() -> dict[str, object] | None:
             row = self.printer(name)
-            if row and predicate(row):
-                return row
-            if not self.running():
-                break
-            time.sleep(0.05)  # polling another process's file: no clock to advance
-        raise AssertionError(
-            f"{name}: {what} not reached within {timeout} s; last status {self.printer(name)}\n"
-            f"--- reconnectd log ---\n{self.log()}"
-        )
+            return row if row and predicate(row) else None
+
+        row = self._poll(matching_row, timeout)
+        if row is None:
+            raise AssertionError(
+                f"{name}: {what} not reached within {timeout} s; last status {self.printer(name)}\n"
+                f"--- reconnectd log ---\n{self.log()}"
+            )
+        return row
 
     def held_state(self) -> dict[str, object]:
         path = self.state_dir / "state.json"
