@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from reconnectd.jsonfiles import JsonFileError, read_json, write_json_atomic
+from reconnectd.jsonfiles import JsonFileError, read_json, shown_value, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,10 @@ def parse_state(document: object) -> tuple[dict[str, object], list[str]]:
     problems: list[str] = []
     version = document.get("version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        problems.append(f"version is {_short(version)}, not {SCHEMA_VERSION}")
+        problems.append(f"version is {shown_value(version)}, not {SCHEMA_VERSION}")
     extra = sorted(set(document) - {"version", "printers"})
     if extra:
-        problems.append(f"unknown keys {', '.join(_short(k) for k in extra)}")
+        problems.append(f"unknown keys {', '.join(shown_value(k) for k in extra)}")
     printers = document.get("printers")
     if not isinstance(printers, dict):
         return {}, [*problems, f'"printers" is {_kind(printers)}, not an object']
@@ -164,7 +164,7 @@ def parse_state(document: object) -> tuple[dict[str, object], list[str]]:
         if problem is None:
             valid[name] = memory
         else:
-            problems.append(f"printer {_short(name)}: {problem}")
+            problems.append(f"printer {shown_value(name)}: {problem}")
     return valid, problems
 
 
@@ -175,7 +175,7 @@ def _memory_problem(memory: object) -> str | None:
         set(memory) - {"holds", "connected_instance", "last_instance", "known_devices"}
     )
     if unknown:
-        return f"unknown keys {', '.join(_short(k) for k in unknown)}"
+        return f"unknown keys {', '.join(shown_value(k) for k in unknown)}"
     for key in ("connected_instance", "last_instance"):
         value = memory.get(key)
         if value is not None and not isinstance(value, str):
@@ -188,11 +188,11 @@ def _memory_problem(memory: object) -> str | None:
         return f"holds is {_kind(holds)}, not a list"
     for hold in holds:
         if not isinstance(hold, dict) or set(hold) != {"kind", "reason", "instance"}:
-            return f"hold {_short(hold)} is not a kind, reason and instance"
+            return f"hold {shown_value(hold)} is not a kind, reason and instance"
         if hold["kind"] not in HOLD_KINDS:
-            return f"hold kind {_short(hold['kind'])} is not one of {', '.join(HOLD_KINDS)}"
+            return f"hold kind {shown_value(hold['kind'])} is not one of {', '.join(HOLD_KINDS)}"
         if not isinstance(hold["reason"], str) or not isinstance(hold["instance"], str):
-            return f"hold {_short(hold)} has a reason or instance that is not a string"
+            return f"hold {shown_value(hold)} has a reason or instance that is not a string"
     return None
 
 
@@ -202,14 +202,3 @@ def _kind(value: object) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
         type(value), "a list" if isinstance(value, list) else "an object"
     )
-
-
-def _short(value: object, limit: int = 40) -> str:
-    """Given any JSON value, return a short printable form for a log line."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
-        return "a very large number"  # repr() itself refuses past ~4300 digits
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):
-        return "a value too large to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -131,3 +132,35 @@ def read_json(path: Path) -> object:
     except ValueError as exc:
         # Python 3.11+ refuses to turn over 4300 digits into an int (CVE-2020-10735).
         raise JsonFileError(path, f"not JSON we can read: {exc}") from None
+
+
+def shown_value(value: object, limit: int = 40) -> str:
+    """Given a value read from one of these files, return it as a message shows it.
+
+    JSON's own spelling (``null``, ``true``, ``"text"``, ``NaN``), cut to about
+    ``limit`` characters whatever the value: a huge integer is named rather than
+    spelled out (Python 3.11+ refuses to), and a list or object too deep or too large
+    to write back out is named by its kind.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else "a huge integer"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if isinstance(value, str):
+        cut = value[:limit]
+        # json.dumps escapes quotes, controls and surrogates: the line stays one line.
+        return json.dumps(cut) + ("…" if len(value) > len(cut) else "")
+    kind = "a list" if isinstance(value, list) else "an object"
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        return kind
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -40,7 +40,6 @@ replaced by U+FFFD: a status file cannot move the terminal's cursor or break its
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -48,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from reconnectd.jsonfiles import JsonFileError, read_json
+from reconnectd.jsonfiles import JsonFileError, read_json, shown_value
 
 SCHEMA_VERSION = 1
 STATUS_FILE = "status.json"
@@ -251,35 +250,6 @@ def render_table(document: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shown(value: object) -> str:
-    """Given a value read from the document, return a short description of it.
-
-    Bounded whatever the value: a long string is cut, a huge integer is not
-    spelled out (Python 3.11+ would refuse to), a list or object is named.
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value) if value.bit_length() <= 64 else "a huge integer"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return repr(value)
-    if isinstance(value, str):
-        cut = value[:40]
-        # json.dumps escapes quotes, controls and surrogates: the line stays one line.
-        return json.dumps(cut) + ("…" if len(value) > len(cut) else "")
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _plain(value: object, depth: int = 0) -> bool:
     """Given a value read from the document, return whether any JSON writer takes it.
 
@@ -327,28 +297,28 @@ def validate_status(document: object, path: Path) -> dict[str, object]:
         return StatusUnavailable(f"{path}: invalid status file: {problem}")
 
     if not isinstance(document, dict):
-        raise invalid(f"the document is {_shown(document)}, not a JSON object")
+        raise invalid(f"the document is {shown_value(document)}, not a JSON object")
     if "version" not in document:
         raise invalid("version: missing")
     version = document["version"]
     # type(): neither true nor 1.0 is the version 1.
     if type(version) is not int or version != SCHEMA_VERSION:
         raise StatusUnavailable(
-            f"{path}: status file version {_shown(version)}, this reconnectd reads "
+            f"{path}: status file version {shown_value(version)}, this reconnectd reads "
             f"version {SCHEMA_VERSION} (is the daemon from another release?)"
         )
     if "pid" not in document:
         raise invalid("pid: missing")
     pid = document["pid"]
     if type(pid) is not int or not 1 <= pid <= PID_MAX:
-        raise invalid(f"pid: {_shown(pid)} is not a process id (1 to {PID_MAX})")
+        raise invalid(f"pid: {shown_value(pid)} is not a process id (1 to {PID_MAX})")
     entries = document.get("printers", [])
     if not isinstance(entries, list):
-        raise invalid(f"printers: {_shown(entries)} is not a list")
+        raise invalid(f"printers: {shown_value(entries)} is not a list")
     printers = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise invalid(f"printers[{index}]: {_shown(entry)} is not an object")
+            raise invalid(f"printers[{index}]: {shown_value(entry)} is not an object")
         printers.append(_valid_printer(entry))
 
     valid: dict[str, object] = {}

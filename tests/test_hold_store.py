@@ -58,7 +58,7 @@ def test_a_damaged_file_is_moved_aside_with_the_time_and_said_once(
     aside = tmp_path / "state.json.corrupt-20270115T080000Z"
     assert aside.exists()
     assert [r.getMessage() for r in caplog.records] == [
-        f"ignoring stored holds: {path} is damaged (printer 'mk3s': holds is a string, not a "
+        f'ignoring stored holds: {path} is damaged (printer "mk3s": holds is a string, not a '
         "list); moved to state.json.corrupt-20270115T080000Z; starting with no holds"
     ]
 
@@ -71,7 +71,7 @@ def test_the_readable_printers_of_a_partly_damaged_file_are_kept(
     (tmp_path / "state.json").write_text(json.dumps(document))
     assert store(tmp_path).load() == GOOD["printers"], "a hold the user made is not thrown away"
     assert "starting with the holds of mk3s only" in caplog.records[0].getMessage()
-    assert "hold kind 'sulk' is not one of manual, fatal" in caplog.records[0].getMessage()
+    assert 'hold kind "sulk" is not one of manual, fatal' in caplog.records[0].getMessage()
 
 
 def test_a_huge_file_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconnectd.jsonfiles import MAX_BYTES, JsonFileError, read_json, write_json_atomic
+from reconnectd.jsonfiles import MAX_BYTES, JsonFileError, read_json, shown_value, write_json_atomic
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -230,3 +230,27 @@ def test_a_huge_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b" " * (MAX_BYTES + 10) + b"{}")
     with pytest.raises(JsonFileError, match="larger than"):
         read_json(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (None, "null"),
+        (True, "true"),
+        (12, "12"),
+        (10**30, "a huge integer"),
+        (float("nan"), "NaN"),
+        (float("-inf"), "-Infinity"),
+        (0.5, "0.5"),
+        ("mk3s", '"mk3s"'),
+        ("x" * 50, '"' + "x" * 40 + '"…'),
+        ("a\nb", '"a\\nb"'),
+        ({"kind": "sulk"}, '{"kind": "sulk"}'),
+        ([1, None, True], "[1, null, true]"),
+        (list(range(30)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, …"),
+        ([10**5000], "a list"),  # more digits than Python writes out
+        ({"n": 10**5000}, "an object"),
+    ],
+)
+def test_a_value_is_shown_in_json_spelling_and_short(value: object, shown: str) -> None:
+    assert shown_value(value) == shown

@@ -327,10 +327,10 @@ INVALID_FILES: list[tuple[str | bytes, str]] = [
     (_with("pid", '"12"'), INVALID + 'pid: "12" is not a process id (1 to 2147483647)'),
     (_with("pid", "true"), INVALID + "pid: true is not a process id (1 to 2147483647)"),
     (_with("pid", "null"), INVALID + "pid: null is not a process id (1 to 2147483647)"),
-    (_with("pid", "[1]"), INVALID + "pid: a list is not a process id (1 to 2147483647)"),
+    (_with("pid", "[1]"), INVALID + "pid: [1] is not a process id (1 to 2147483647)"),
     (
         _with("pid", '{"pid": 1}'),
-        INVALID + "pid: an object is not a process id (1 to 2147483647)",
+        INVALID + 'pid: {"pid": 1} is not a process id (1 to 2147483647)',
     ),
     (
         _with("pid", json.dumps("x" * 1000)),
@@ -349,18 +349,18 @@ INVALID_FILES: list[tuple[str | bytes, str]] = [
     (_with("version", "1.0"), VERSION.replace("{shown}", "1.0")),
     (_with("version", "NaN"), VERSION.replace("{shown}", "NaN")),
     (_with("version", "null"), VERSION.replace("{shown}", "null")),
-    (_with("version", "[1]"), VERSION.replace("{shown}", "a list")),
+    (_with("version", "[1]"), VERSION.replace("{shown}", "[1]")),
     (_with("version", str(10**30)), VERSION.replace("{shown}", "a huge integer")),
     ('{"pid": 1}', INVALID + "version: missing"),
     # The document: an object.
-    ("[1, 2]", INVALID + "the document is a list, not a JSON object"),
+    ("[1, 2]", INVALID + "the document is [1, 2], not a JSON object"),
     ("null", INVALID + "the document is null, not a JSON object"),
     ('"status"', INVALID + 'the document is "status", not a JSON object'),
     ("3", INVALID + "the document is 3, not a JSON object"),
     ("NaN", INVALID + "the document is NaN, not a JSON object"),
     # printers: a list of objects, or a printer would go unseen.
     (_with("printers", '"mk3s"'), INVALID + 'printers: "mk3s" is not a list'),
-    (_with("printers", "{}"), INVALID + "printers: an object is not a list"),
+    (_with("printers", "{}"), INVALID + "printers: {} is not a list"),
     (_with("printers", "null"), INVALID + "printers: null is not a list"),
     (_with("printers", "3"), INVALID + "printers: 3 is not a list"),
     (
@@ -371,7 +371,7 @@ INVALID_FILES: list[tuple[str | bytes, str]] = [
     (_with("printers", '["mk3s"]'), INVALID + 'printers[0]: "mk3s" is not an object'),
     (
         _with("printers", json.dumps([[MK3S]])),
-        INVALID + "printers[0]: a list is not an object",
+        INVALID + 'printers[0]: [{"name": "mk3s", "state": "operational… is not an object',
     ),
     # Not JSON, or not JSON Python can read.
     ("", CANNOT_READ + "is empty, not JSON"),
