@@ -479,9 +479,11 @@ def test_another_receive_error_is_logged_once_until_a_receive_succeeds(
     probe = start_probe()
     probe.call("start_lossy")
 
-    for _ in range(2):
+    for lost in (1, 2):
         assert probe.call("lose", count=1, errno=errno.EIO) is None
         bench.send_uevent(prusa, "change")
+        # Armed again only once this one is lost: arming resets what is left to lose.
+        probe.wait_logged("lossy monitor: EIO after 1 lost", lost)
     # Events are heard again after the failures, and nothing was made up for them.
     bench.send_uevent(prusa, "change")
     probe.wait_events(lambda es: len(es) == 1, "the change after the failures")

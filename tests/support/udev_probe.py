@@ -310,6 +310,14 @@ class UdevProbe:
             self._next(deadline, what)
         return self.events
 
+    def wait_logged(self, text: str, count: int) -> None:
+        """Given a text, wait until the probe's stderr log holds it ``count`` times."""
+        deadline = time.monotonic() + self.timeout
+        while self.log_path.read_text(errors="replace").count(text) < count:
+            if time.monotonic() > deadline:
+                raise self._failure(f"{text!r} not logged {count} times within {self.timeout:g} s")
+            time.sleep(0.02)  # another process's file: no clock to advance
+
     def _next(self, deadline: float, what: str) -> dict[str, Any]:
         left = deadline - time.monotonic()
         try:
