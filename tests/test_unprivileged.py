@@ -198,6 +198,8 @@ def test_the_installed_daemon_reconnects_a_power_cycled_printer_as_nobody(
         uid_line = next(line for line in ps.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(NOBODY[0])] * 4
     assert "Traceback" not in daemon.log(), daemon.log()
+    # Everything in LD_PRELOAD loaded (the bench's close guard too), as the service user.
+    assert "cannot be preloaded" not in daemon.log(), daemon.log()
 
 
 def test_check_online_as_the_service_user(bench: Unprivileged) -> None:

@@ -141,7 +141,11 @@ class Testbed:
         self.log_path = self.workdir / "testbed-owner.log"
         self._plugged: dict[str, Plugged] = {}
         self._lock = threading.Lock()
-        guard = str(close_guard.close_guard_library())
+        # A copy beside the bench, readable by all: a program under test that runs as a
+        # service user must load it too, and the cache is under root's home.
+        guard = str(self.workdir / "close-guard.so")
+        shutil.copyfile(close_guard.close_guard_library(), guard)
+        os.chmod(guard, 0o644)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owner_env = {k: v for k, v in os.environ.items() if k != "UMOCKDEV_DIR"}
         owner_env["LD_PRELOAD"] = _with_preload(os.environ.get("LD_PRELOAD"), guard)
