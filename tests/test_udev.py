@@ -357,12 +357,11 @@ def test_closing_a_port_while_another_thread_uses_it_harms_nobody(
     ch340 = bench.plug("ch340")
     probe = start_probe()
 
-    outcome = probe.call("close_while_busy", path=ch340.node, rounds=300)
+    assert probe.call("close_while_busy", path=ch340.node, rounds=300) is None
     after = bench.plug("ftdi", usb_port="1-2")
     fd = probe.call("open", path=after.node)
     os.write(after.master_fd, b"ok\n")
 
-    assert outcome["rounds"] == 300
     assert probe.call("read", fd=fd, timeout=5) == {"data": "ok\n"}
 
 
